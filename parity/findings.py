@@ -1,0 +1,49 @@
+"""Findings: every recipe field on which the training side and the reference side differ, with its known effect."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .recipe import Recipe, differing_fields
+
+# What a difference in each field is known to do to the image (DESIGN section 4).
+EFFECTS = {
+    "width": "different output size: the whole image changes",
+    "height": "different output size: the whole image changes",
+    "steps": "different sampling schedule: detail and sharpness change",
+    "scheduler": "different sigmas/shift: the whole trajectory changes",
+    "guidance": "different CFG strength: contrast, saturation and prompt adherence change",
+    "cfg_norm": "stock Diffusers rescales the CFG result to the conditional norm, ai-toolkit does not by default: "
+                "lower contrast/saturation at guidance > 1",
+    "negative_prompt": "different unconditional branch: changes whatever CFG pushes away from",
+    "seed": "different initial noise: a different image altogether",
+    "prompt": "different text conditioning (trigger word or [name] replacement)",
+    "control_images": "different conditioning images, or the same image given twice in the prompt",
+    "control_prompt_resize": "the prompt encoder sees the control image at another size/orientation",
+    "control_vae_resize": "the conditioning latents come from a differently resized control image",
+    "lora": "different LoRA weights (another step, or none)",
+    "multiplier": "different LoRA strength",
+    "lora_application": "LoRA added in another precision/way: small numeric drift, larger on strong LoRAs",
+    "precision": "quantized base weights (not reproducible without the quantization library): broad drift",
+    "vae_tiling": "tiled VAE: seams and per-tile drift up to tens of levels",
+    "device": "another device's kernels: numeric drift (large in bf16 on this random tiny model)",
+    "dtype": "another compute dtype: numeric drift",
+    "output_format": "lossy preview file: compression error on top of any real difference",
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    field: str
+    training: str
+    reference: str
+    effect: str
+
+    def text(self) -> str:
+        return f"{self.field}: training={self.training!r} reference={self.reference!r} ({self.effect})"
+
+
+def find(training: Recipe, reference: Recipe) -> list[Finding]:
+    t_row, r_row = training.as_row(), reference.as_row()
+    return [Finding(name, str(t_row[name]), str(r_row[name]), EFFECTS[name])
+            for name in differing_fields(training, reference)]

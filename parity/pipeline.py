@@ -1,0 +1,197 @@
+"""Load the Qwen-Image-Edit-Plus pipeline once per (model, device, dtype) and apply LoRAs three ways.
+
+The pipeline is the stock `diffusers.QwenImageEditPlusPipeline` loaded with `from_pretrained`, from a hub id
+or a local folder (offline). LoRA checkpoints are swapped on the loaded base, never by reloading it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import CaseError
+from .recipe import LORA_MERGED_FP32, LORA_PEFT, LORA_RUNTIME_FP32
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
+          "float16": torch.float16, "fp16": torch.float16}
+LORA_PREFIX = "diffusion_model."
+
+
+def dtype_name(dtype: str) -> str:
+    return str(DTYPES[dtype]).removeprefix("torch.")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class LoadedModel:
+    """A pipeline on one device in one dtype, plus the LoRA state applied to its transformer."""
+
+    def __init__(self, model: str, device: str, dtype: str):
+        from diffusers import QwenImageEditPlusPipeline
+
+        self.model = model
+        self.device = device
+        self.dtype = DTYPES[dtype]
+        local = Path(model).is_dir()
+        try:
+            self.pipe = QwenImageEditPlusPipeline.from_pretrained(
+                model, torch_dtype=self.dtype, local_files_only=local)
+        except OSError as exc:
+            raise CaseError(model, f"cannot load the pipeline: {exc}",
+                            "give `model:` in parity.yaml as a local diffusers folder, or make the hub id "
+                            "reachable (HF_HOME cache or network)") from None
+        self.pipe.to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self._adapter: tuple[str, str] | None = None  # (lora file, adapter name) loaded through PEFT
+
+    @property
+    def transformer(self):
+        return self.pipe.transformer
+
+    @contextlib.contextmanager
+    def lora(self, path: str | None, multiplier: float, how: str):
+        """Apply a LoRA for the duration of one render, as `how` says, and undo it afterwards."""
+        if path is None:
+            self._peft_off()
+            yield
+            return
+        if how == LORA_PEFT:
+            self._peft_on(path, multiplier)
+            yield
+            return
+        self._peft_off()
+        state = read_lora(path, self.transformer)
+        if how == LORA_RUNTIME_FP32:
+            with runtime_lora(self.transformer, state, multiplier):
+                yield
+        elif how == LORA_MERGED_FP32:
+            with merged_lora(self.transformer, state, multiplier):
+                yield
+        else:
+            raise ValueError(f"unknown LoRA application {how!r}")
+
+    def _peft_on(self, path: str, multiplier: float) -> None:
+        from diffusers.utils.peft_utils import set_weights_and_activate_adapters
+
+        if self._adapter is None or self._adapter[0] != path:
+            if self._adapter is not None:
+                self.pipe.delete_adapters(self._adapter[1])
+            name = "lora_" + hashlib.sha1(path.encode()).hexdigest()[:10]
+            check_lora_keys(path, self.transformer)
+            p = Path(path)
+            self.pipe.load_lora_weights(str(p.parent), weight_name=p.name, adapter_name=name,
+                                        local_files_only=True)
+            self._adapter = (path, name)
+        self.pipe.enable_lora()
+        # What the inference server does for a scale other than 1 (set_weights_and_activate_adapters).
+        set_weights_and_activate_adapters(self.transformer, [self._adapter[1]], [multiplier])
+
+    def _peft_off(self) -> None:
+        if self._adapter is not None:
+            self.pipe.disable_lora()
+
+
+def linear_layers(transformer) -> dict[str, torch.nn.Linear]:
+    """Module name -> the plain Linear (inside a PEFT wrapper when an adapter is loaded)."""
+    out = {}
+    for name, module in transformer.named_modules():
+        base = getattr(module, "base_layer", module)
+        if isinstance(base, torch.nn.Linear) and ".base_layer" not in name and not name.endswith("base_layer"):
+            out[name] = base
+    return out
+
+
+def check_lora_keys(path: str, transformer) -> None:
+    """Every key must be ai-toolkit's `diffusion_model.<module>.lora_A|lora_B.weight` for a Linear here."""
+    modules = linear_layers(transformer)
+    with safe_open(path, framework="pt") as fh:
+        keys = list(fh.keys())
+    if not keys:
+        raise CaseError(path, "holds no tensors", "copy the LoRA checkpoint again")
+    bad = []
+    for key in keys:
+        name = key.removeprefix(LORA_PREFIX)
+        base, _, kind = name.rpartition(".lora_")
+        if not key.startswith(LORA_PREFIX) or kind not in ("A.weight", "B.weight") or base not in modules:
+            bad.append(key)
+    if bad:
+        raise CaseError(path, f"{len(bad)} of {len(keys)} keys are not ai-toolkit LoRA keys for this "
+                        f"transformer (first: {bad[0]!r})",
+                        "use a LoRA trained by ai-toolkit for qwen_image_edit_plus on this base model "
+                        "(keys diffusion_model.transformer_blocks.N.<linear>.lora_A/lora_B.weight)")
+
+
+def read_lora(path: str, transformer) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """module name -> (A, B) as stored (no alpha: ai-toolkit saves alpha = rank, so the scale is 1)."""
+    check_lora_keys(path, transformer)
+    out: dict[str, list] = {}
+    with safe_open(path, framework="pt") as fh:
+        for key in fh.keys():
+            name, _, kind = key.removeprefix(LORA_PREFIX).rpartition(".lora_")
+            out.setdefault(name, [None, None])[0 if kind == "A.weight" else 1] = fh.get_tensor(key)
+    return {k: (a, b) for k, (a, b) in out.items()}
+
+
+@contextlib.contextmanager
+def runtime_lora(transformer, state, multiplier: float):
+    """ai-toolkit's LoRAModule: the base layer's output plus the LoRA path computed in fp32 at run time."""
+    modules = linear_layers(transformer)
+    handles = []
+    for name, (a, b) in state.items():
+        layer = modules[name]
+        down = a.to(layer.weight.device, torch.float32)
+        up = b.to(layer.weight.device, torch.float32)
+
+        def hook(module, args, output, down=down, up=up):
+            # network_mixins.forward: lora_up(lora_down(x.float())) * scale(=1) * multiplier, cast, then added
+            lx = torch.nn.functional.linear(torch.nn.functional.linear(args[0].to(torch.float32), down), up)
+            return output + (lx * torch.tensor([multiplier], dtype=torch.float32, device=lx.device)).to(output.dtype)
+
+        handles.append(layer.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def merged_lora(transformer, state, multiplier: float):
+    """ai-toolkit's merge_in: W + multiplier * B @ A computed in fp32, stored back in the base dtype."""
+    modules = linear_layers(transformer)
+    saved = {}
+    with torch.no_grad():
+        for name, (a, b) in state.items():
+            layer = modules[name]
+            saved[name] = layer.weight.detach().clone()
+            w = layer.weight.to(torch.float32)
+            delta = b.to(w.device, torch.float32) @ a.to(w.device, torch.float32)
+            layer.weight.copy_((w + multiplier * delta).to(layer.weight.dtype))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, w in saved.items():
+                modules[name].weight.copy_(w)
+
+
+def scheduler_config(loaded: LoadedModel) -> dict:
+    return json.loads(json.dumps(dict(loaded.pipe.scheduler.config)))
+
+
+_MODELS: dict[tuple[str, str, str], LoadedModel] = {}
+
+
+def load(model: str, device: str, dtype: str) -> LoadedModel:
+    """The loaded pipeline for (model, device, dtype), loaded on first use and kept for the session."""
+    key = (model, device, dtype_name(dtype))
+    if key not in _MODELS:
+        _MODELS[key] = LoadedModel(model, device, dtype)
+    return _MODELS[key]

@@ -1,0 +1,115 @@
+"""Index a case's preview images and match each to the LoRA checkpoint of its step.
+
+Preview names are `<ms>__<step:09d>_<i>.<ext>` (ai-toolkit's sample file name); checkpoints are
+`<name>_<step:09d>.safetensors`, the final one `<name>.safetensors` with its step in `training_info`.
+Only `.safetensors` files are ever opened; `optimizer.pt` and other pickles are never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import safe_open
+
+from .errors import CaseError
+
+PREVIEW_NAME = re.compile(r"^(?P<ms>\d+)__(?P<step>\d{9})_(?P<index>\d+)\.(?P<ext>[A-Za-z0-9]+)$")
+IMAGE_EXTS = {"jpg", "jpeg", "png", "webp"}
+NOT_PREVIEWS = {".tmp", ".thumbs"}
+
+
+@dataclass(frozen=True)
+class Preview:
+    path: Path
+    ms: int
+    step: int
+    index: int
+    ext: str
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+@dataclass(frozen=True)
+class StrayFile:
+    """A file under samples/ that is not named like a preview: reported, not rendered."""
+
+    path: Path
+    reason: str
+
+
+def index_previews(folder: Path) -> tuple[list[Preview], list[StrayFile]]:
+    samples = folder / "samples"
+    previews: list[Preview] = []
+    stray: list[StrayFile] = []
+    for path in sorted(p for p in samples.rglob("*") if p.is_file()):
+        rel = path.relative_to(samples)
+        if any(part in NOT_PREVIEWS for part in rel.parts[:-1]):
+            continue
+        m = PREVIEW_NAME.match(path.name)
+        if len(rel.parts) > 1 or not m:
+            stray.append(StrayFile(path, "not named <ms>__<step:09d>_<i>.<ext> directly under samples/"))
+            continue
+        if m["ext"].lower() not in IMAGE_EXTS:
+            stray.append(StrayFile(path, f"extension .{m['ext']} is not an image format ai-toolkit writes"))
+            continue
+        previews.append(Preview(path, int(m["ms"]), int(m["step"]), int(m["index"]), m["ext"].lower()))
+    previews.sort(key=lambda p: (p.step, p.index, p.ms))
+    return previews, stray
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    step: int
+    final: bool
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error types for a damaged header
+        raise CaseError(path, f"is not a readable .safetensors file ({exc})",
+                        "copy the checkpoint again from the training machine") from None
+
+
+def checkpoint_step(path: Path) -> int | None:
+    info = read_metadata(path).get("training_info")
+    try:
+        return int(json.loads(info)["step"]) if info else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def index_checkpoints(folder: Path, name: str) -> dict[int, Checkpoint]:
+    """step -> checkpoint. A per-step file wins over the final file for the same step."""
+    found: dict[int, Checkpoint] = {}
+    final = folder / f"{name}.safetensors"
+    if final.is_file():
+        step = checkpoint_step(final)
+        if step is not None:
+            found[step] = Checkpoint(final, step, True)
+    pattern = re.compile(rf"^{re.escape(name)}_(\d{{9}})\.safetensors$")
+    for path in sorted(folder.glob(f"{name}_*.safetensors")):
+        m = pattern.match(path.name)
+        if m:
+            found[int(m[1])] = Checkpoint(path, int(m[1]), False)
+    return found
+
+
+def lora_for_step(folder: Path, name: str, step: int, checkpoints: dict[int, Checkpoint]) -> Checkpoint | None:
+    """The checkpoint the preview at `step` was rendered with; None at step 0 (an untrained LoRA is a no-op)."""
+    if step == 0:
+        return None
+    if step in checkpoints:
+        return checkpoints[step]
+    have = ", ".join(str(s) for s in sorted(checkpoints)) or "none"
+    raise CaseError(folder / f"{name}_{step:09d}.safetensors",
+                    f"no LoRA checkpoint for step {step} (checkpoints found for steps: {have})",
+                    "copy that checkpoint from the training machine (ai-toolkit deletes old ones past "
+                    "save.max_step_saves_to_keep), or remove the previews of that step")

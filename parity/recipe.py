@@ -1,0 +1,238 @@
+"""The recipe: every input that decides a rendered image, and the two builders.
+
+`training_recipe` models what ai-toolkit 0.12.26 did for a preview; `reference_recipe` models what the
+reference pipeline (runcomfy-com/ai-toolkit-inference, `qwen_image_edit_plus`, on stock Diffusers) does for
+the equivalent request. The renderer reads only a Recipe, so both sides and any mix render through one path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from .aitk_config import SampleItem, TrainingJob, snap
+
+# ai-toolkit's fixed sampling scheduler (qwen_image.py `scheduler_config`, used by get_train_scheduler).
+AITK_SCHEDULER = {
+    "num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+    "max_shift": 0.9, "base_image_seq_len": 256, "max_image_seq_len": 8192, "invert_sigmas": False,
+    "shift_terminal": 0.02, "use_karras_sigmas": False, "use_exponential_sigmas": False,
+    "use_beta_sigmas": False, "time_shift_type": "exponential", "stochastic_sampling": False,
+}
+SCHEDULER_KEYS = tuple(sorted(AITK_SCHEDULER))
+
+# Named preprocessing choices (clean-fid style: which resize is data, not an accident of the code path).
+PROMPT_RESIZE = "torch-bilinear-noaa/area384/r32"  # ai-toolkit 0.12.26 and Diffusers: aspect kept
+PROMPT_RESIZE_TRANSPOSED = "torch-bilinear-noaa/area384/r32/transposed"  # inference server (pre-#707 formula)
+VAE_RESIZE = "pil-lanczos/area1024/r32"  # Diffusers' VaeImageProcessor.preprocess, both sides
+PROMPT_RESIZES = (PROMPT_RESIZE, PROMPT_RESIZE_TRANSPOSED)
+
+LORA_PEFT = "peft-adapter/base-dtype"  # load_lora_weights + adapter weight, math in the base dtype
+LORA_RUNTIME_FP32 = "runtime/fp32"  # ai-toolkit LoRA modules added to the layer output at run time
+LORA_MERGED_FP32 = "merged/fp32"  # ai-toolkit merges W + m*B@A in fp32, cast back to the base dtype
+LORA_APPLICATIONS = (LORA_PEFT, LORA_RUNTIME_FP32, LORA_MERGED_FP32)
+
+DEFAULT_REFERENCE_STEPS = 25  # ai-toolkit-inference PipelineConfig.default_steps
+DEFAULT_REFERENCE_SEED = 42  # the server's seed is 42 + prompt index when the request has none
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every field that decides an image. Field names are the public names (CSV, findings, report)."""
+
+    width: int
+    height: int
+    steps: int
+    scheduler: str  # JSON of the scheduler config that sampling reads
+    guidance: float  # true_cfg_scale; CFG runs only above 1
+    cfg_norm: bool  # rescale the CFG result to the conditional prediction's norm
+    negative_prompt: str
+    seed: int
+    generator_device: str
+    prompt: str
+    control_images_prompt: tuple[str, ...]  # files fed to the prompt encoder, in order
+    control_images_vae: tuple[str, ...]  # files VAE-encoded as conditioning latents, in order
+    control_prompt_resize: str
+    control_vae_resize: str
+    lora: str | None  # LoRA checkpoint file, None for none
+    multiplier: float
+    lora_application: str
+    precision: str  # quantization of the base as recorded ("none", "transformer:qfloat8 text_encoder:qfloat8")
+    vae_tiling: bool
+    device: str
+    dtype: str  # "bfloat16" | "float32" | "float16"
+    output_format: str  # "png" | "jpeg-q75" | ...
+
+    def key(self) -> str:
+        """A stable hash of the fields that change pixels (for render caches)."""
+        data = {k: v for k, v in asdict(self).items() if k != "output_format"}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+    def with_fields(self, **values) -> "Recipe":
+        return replace(self, **values)
+
+    def as_row(self) -> dict[str, object]:
+        """Public field -> value, as strings a person can read (booleans as true/false)."""
+        out: dict[str, object] = {}
+        for name, value in public_fields(self).items():
+            out[name] = _text(value)
+        return out
+
+
+# Public field names (issue #3): two recipe attributes form `control_images`.
+FIELD_NAMES = (
+    "width", "height", "steps", "scheduler", "guidance", "cfg_norm", "negative_prompt", "seed", "prompt",
+    "control_images", "control_prompt_resize", "control_vae_resize", "lora", "multiplier", "lora_application",
+    "precision", "vae_tiling", "device", "dtype", "output_format",
+)
+# The recipe attributes behind each public field.
+FIELD_ATTRS = {name: (name,) for name in FIELD_NAMES}
+FIELD_ATTRS["control_images"] = ("control_images_prompt", "control_images_vae")
+FIELD_ATTRS["seed"] = ("seed", "generator_device")
+
+
+def public_fields(recipe: Recipe) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for name in FIELD_NAMES:
+        attrs = FIELD_ATTRS[name]
+        if name == "control_images":
+            out[name] = {"prompt": [Path(p).name for p in recipe.control_images_prompt],
+                         "vae": [Path(p).name for p in recipe.control_images_vae]}
+        elif name == "seed":
+            out[name] = f"{recipe.seed} ({recipe.generator_device} generator)"
+        elif name == "lora":
+            out[name] = Path(recipe.lora).name if recipe.lora else None
+        else:
+            out[name] = getattr(recipe, attrs[0])
+    return out
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def switch(base: Recipe, other: Recipe, field_names: tuple[str, ...]) -> Recipe:
+    """`base` with the named public fields taken from `other` (a counterfactual recipe)."""
+    values = {attr: getattr(other, attr) for name in field_names for attr in FIELD_ATTRS[name]}
+    return replace(base, **values)
+
+
+def differing_fields(a: Recipe, b: Recipe) -> tuple[str, ...]:
+    return tuple(n for n in FIELD_NAMES if any(getattr(a, x) != getattr(b, x) for x in FIELD_ATTRS[n]))
+
+
+def scheduler_json(config: dict) -> str:
+    return json.dumps({k: config.get(k) for k in SCHEDULER_KEYS}, sort_keys=True)
+
+
+def _quantization(job: TrainingJob) -> str:
+    parts = []
+    if job.quantize:
+        parts.append(f"transformer:{job.qtype}")
+    if job.quantize_te:
+        parts.append(f"text_encoder:{job.qtype_te}")
+    return " ".join(parts) or "none"
+
+
+def _dtype_name(train_dtype: str) -> str:
+    return {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+            "fp32": "float32", "float32": "float32"}.get(train_dtype.lower(), train_dtype)
+
+
+def training_control_images(item: SampleItem) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(prompt path, VAE path) as ai-toolkit 0.12.26 builds them.
+
+    Prompt path (BaseModel.generate_images): ctrl_img, then ctrl_img_1..3, each if set; since ctrl_img_1
+    defaults to ctrl_img for a `samples:` item, such an item puts its image in the prompt twice.
+    VAE path (QwenImageEditPlusModel.generate_single_image): ctrl_img wins over ctrl_img_1, then ctrl_img_2..3.
+    """
+    prompt = tuple(p for p in (item.ctrl_img, item.ctrl_img_1, item.ctrl_img_2, item.ctrl_img_3) if p)
+    first = item.ctrl_img or item.ctrl_img_1
+    vae = tuple(p for p in (first, item.ctrl_img_2, item.ctrl_img_3) if p)
+    return prompt, vae
+
+
+def reference_control_images(item: SampleItem) -> tuple[str, ...]:
+    """ai-toolkit-inference PromptItem.get_control_images: ctrl_img_1..3 in order, ctrl_img only as fallback."""
+    numbered = tuple(p for p in (item.ctrl_img_1, item.ctrl_img_2, item.ctrl_img_3) if p)
+    return numbered or ((item.ctrl_img,) if item.ctrl_img else ())
+
+
+def replace_trigger(prompt: str, trigger: str | None) -> str:
+    # ai-toolkit inject_trigger_into_prompt(add_if_not_present=False): no trigger word -> "[trigger]" stays.
+    return prompt.replace("[trigger]", trigger) if trigger else prompt
+
+
+def training_recipe(job: TrainingJob, item: SampleItem, lora: str | None, resolve, *, lora_merged: bool = False,
+                    scheduler: dict | None = None) -> Recipe:
+    """What ai-toolkit did for the preview of `item` (resolve maps a config path to a local file)."""
+    prompt_imgs, vae_imgs = training_control_images(item)
+    fmt = str(job.sample.get("format", "jpg")).lower()
+    return Recipe(
+        # GenerateImageConfig floors to 8 (min 64); the Qwen pipeline then floors to vae_scale_factor*2 = 16,
+        # and ai-toolkit's qwen model snaps to 32 before calling it.
+        width=snap(item.width, 32),
+        height=snap(item.height, 32),
+        steps=item.sample_steps,
+        scheduler=scheduler_json(scheduler or AITK_SCHEDULER),
+        guidance=float(item.guidance_scale),
+        cfg_norm=bool(job.sample.get("do_cfg_norm", False)),
+        negative_prompt=item.neg,
+        seed=item.seed,
+        generator_device="cpu",
+        prompt=replace_trigger(item.prompt, job.trigger_word),
+        control_images_prompt=tuple(str(resolve(p, "control image")) for p in prompt_imgs),
+        control_images_vae=tuple(str(resolve(p, "control image")) for p in vae_imgs),
+        control_prompt_resize=PROMPT_RESIZE,
+        control_vae_resize=VAE_RESIZE,
+        lora=lora,
+        multiplier=float(item.network_multiplier),
+        lora_application=LORA_MERGED_FP32 if lora_merged else LORA_RUNTIME_FP32,
+        precision=_quantization(job),
+        vae_tiling=job.low_vram,
+        device=job.device,
+        dtype=_dtype_name(job.train_dtype),
+        output_format="png" if fmt == "png" else ("jpeg-q75" if fmt in ("jpg", "jpeg") else fmt),
+    )
+
+
+def reference_recipe(job: TrainingJob, item: SampleItem, lora: str | None, resolve, *, scheduler: dict,
+                     device: str, dtype: str) -> Recipe:
+    """What the reference pipeline does for a request carrying this preview's settings."""
+    images = tuple(str(resolve(p, "control image")) for p in reference_control_images(item))
+    return Recipe(
+        width=snap(item.requested_width, 32),  # executor: (width // 32) * 32 of the request
+        height=snap(item.requested_height, 32),
+        steps=item.sample_steps,  # sent explicitly; the server's default (25) applies only to a bare request
+        scheduler=scheduler_json(scheduler),  # the checkpoint's scheduler_config.json via the stock pipeline
+        guidance=float(item.guidance_scale),
+        cfg_norm=True,  # stock QwenImageEditPlusPipeline always rescales comb_pred to the cond norm
+        negative_prompt=item.neg,
+        seed=item.seed,
+        generator_device="cpu",
+        prompt=replace_trigger(item.raw_prompt, job.trigger_word),
+        control_images_prompt=images,
+        control_images_vae=images,
+        control_prompt_resize=PROMPT_RESIZE_TRANSPOSED,
+        control_vae_resize=VAE_RESIZE,
+        lora=lora,
+        multiplier=float(item.network_multiplier),
+        lora_application=LORA_PEFT,
+        precision="none",
+        vae_tiling=False,
+        device=device,
+        dtype=dtype,
+        output_format="png",
+    )
+
+
+def recipe_fields() -> tuple[str, ...]:
+    return tuple(f.name for f in fields(Recipe))

@@ -1,0 +1,198 @@
+"""One renderer for every recipe: the Qwen-Image-Edit-Plus denoising loop run with the pipeline's components.
+
+With a reference recipe it computes what stock `QwenImageEditPlusPipeline.__call__` computes (tested bit for
+bit); every recipe field is honoured, so switches the stock `__call__` lacks (no CFG norm rescale, fp32
+run-time or merged LoRA, VAE tiling, the transposed prompt-encoder resize) are real.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image, UnidentifiedImageError
+
+from .errors import CaseError
+from .pipeline import DTYPES, LoadedModel
+from .recipe import PROMPT_RESIZE, PROMPT_RESIZE_TRANSPOSED, VAE_RESIZE, Recipe
+
+CONDITION_AREA = 384 * 384
+VAE_AREA = 1024 * 1024
+
+
+class NotRenderable(Exception):
+    """A recipe value this machine cannot reproduce (e.g. a quantized base without its library)."""
+
+
+@dataclass
+class RenderCapture:
+    """Intermediate values of a render, for tests and diagnosis."""
+
+    prompt_embeds: torch.Tensor | None = None
+    negative_prompt_embeds: torch.Tensor | None = None
+    timesteps: list[float] | None = None
+
+
+def open_control(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise CaseError(path, f"control image cannot be read ({exc.__class__.__name__})",
+                        "replace it with the PNG/JPEG the training used") from None
+
+
+def prompt_size(width: int, height: int, rule: str) -> tuple[int, int]:
+    """(width, height) the prompt encoder sees a control image at, for a named resize rule."""
+    ratio = height / width
+    if rule == PROMPT_RESIZE:
+        # ai-toolkit QwenImageEditPlusModel.get_prompt_embeds: height from the area and H/W, width = height/ratio.
+        h = math.sqrt(CONDITION_AREA * ratio)
+        w = h / ratio
+    elif rule == PROMPT_RESIZE_TRANSPOSED:
+        # ai-toolkit-inference _preprocess_ctrl_for_encode: the same H/W ratio fed to the width formula
+        # (ai-toolkit's pre-#707 code), so a landscape control image reaches the encoder as portrait.
+        w = math.sqrt(CONDITION_AREA * ratio)
+        h = w / ratio
+    else:
+        raise NotRenderable(f"unknown prompt-encoder resize {rule!r}")
+    return round(w / 32) * 32, round(h / 32) * 32
+
+
+def vae_size(width: int, height: int) -> tuple[int, int]:
+    """Diffusers calculate_dimensions(1024*1024, W/H)."""
+    ratio = width / height
+    w = math.sqrt(VAE_AREA * ratio)
+    h = w / ratio
+    return round(w / 32) * 32, round(h / 32) * 32
+
+
+def encode_prompt(loaded: LoadedModel, prompt: str, images: list[Image.Image], rule: str, dtype: torch.dtype):
+    """Prompt embeddings as both sides compute them: 0-1 tensors resized by `rule`, then Diffusers' encoder.
+
+    The Qwen2-VL processor rescales by 1/255 again, so the encoder sees a near-black image: shared behaviour
+    that both sides have, reproduced here on purpose.
+    """
+    device = loaded.device
+    tensors = []
+    for img in images:
+        t = TF.to_tensor(img).unsqueeze(0).to(device, dtype=dtype)
+        w, h = prompt_size(t.shape[3], t.shape[2], rule)
+        tensors.append(F.interpolate(t, size=(h, w), mode="bilinear"))
+    embeds, mask = loaded.pipe.encode_prompt(prompt, image=tensors or None, device=device,
+                                             num_images_per_prompt=1)
+    if mask is None:  # both sides replace Diffusers' None (all valid) with an all-ones mask
+        mask = torch.ones(embeds.shape[:2], dtype=torch.int64, device=embeds.device)
+    return embeds, mask
+
+
+@contextlib.contextmanager
+def vae_tiling(vae, on: bool):
+    if on:
+        vae.enable_tiling()
+    try:
+        yield
+    finally:
+        if on:
+            vae.disable_tiling()
+
+
+def make_scheduler(loaded: LoadedModel, config_json: str):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config(json.loads(config_json))
+
+
+def check_renderable(loaded: LoadedModel, recipe: Recipe) -> None:
+    if recipe.precision != "none":
+        raise NotRenderable(f"quantized base ({recipe.precision}) needs ai-toolkit's quantization library")
+    if recipe.control_vae_resize != VAE_RESIZE:
+        raise NotRenderable(f"unknown VAE resize {recipe.control_vae_resize!r}")
+    if DTYPES[recipe.dtype] != loaded.dtype:
+        raise ValueError(f"recipe dtype {recipe.dtype} rendered on a {loaded.dtype} pipeline")
+
+
+@torch.no_grad()
+def render(loaded: LoadedModel, recipe: Recipe, capture: RenderCapture | None = None) -> Image.Image:
+    """Render one recipe on `loaded` (which must hold the recipe's dtype)."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift, retrieve_timesteps
+
+    check_renderable(loaded, recipe)
+    pipe = loaded.pipe
+    device = loaded.device
+    dtype = loaded.dtype
+    prompt_images = [open_control(p) for p in recipe.control_images_prompt]
+    vae_pil = [open_control(p) for p in recipe.control_images_vae]
+
+    with loaded.lora(recipe.lora, recipe.multiplier, recipe.lora_application), vae_tiling(pipe.vae, recipe.vae_tiling):
+        embeds, mask = encode_prompt(loaded, recipe.prompt, prompt_images, recipe.control_prompt_resize, dtype)
+        neg_embeds, neg_mask = encode_prompt(loaded, recipe.negative_prompt, prompt_images,
+                                             recipe.control_prompt_resize, dtype)
+        if capture is not None:
+            capture.prompt_embeds, capture.negative_prompt_embeds = embeds, neg_embeds
+        # The pipeline drops an all-valid mask (encode_prompt: mask.all() -> None); do the same.
+        mask = None if mask.all() else mask
+        neg_mask = None if neg_mask.all() else neg_mask
+        do_cfg = recipe.guidance > 1
+
+        multiple = pipe.vae_scale_factor * 2
+        width = recipe.width // multiple * multiple
+        height = recipe.height // multiple * multiple
+        vae_sizes = [vae_size(*img.size) for img in vae_pil]
+        vae_images = [pipe.image_processor.preprocess(img, h, w).unsqueeze(2)
+                      for img, (w, h) in zip(vae_pil, vae_sizes)]
+        generator = torch.Generator(recipe.generator_device).manual_seed(recipe.seed)
+        channels = pipe.transformer.config.in_channels // 4
+        latents, image_latents = pipe.prepare_latents(vae_images, 1, channels, height, width, embeds.dtype,
+                                                      device, generator, None)
+        img_shapes = [[(1, height // pipe.vae_scale_factor // 2, width // pipe.vae_scale_factor // 2),
+                       *[(1, h // pipe.vae_scale_factor // 2, w // pipe.vae_scale_factor // 2) for w, h in vae_sizes]]]
+
+        scheduler = make_scheduler(loaded, recipe.scheduler)
+        sigmas = np.linspace(1.0, 1 / recipe.steps, recipe.steps)
+        mu = calculate_shift(latents.shape[1], scheduler.config.get("base_image_seq_len", 256),
+                             scheduler.config.get("max_image_seq_len", 4096),
+                             scheduler.config.get("base_shift", 0.5), scheduler.config.get("max_shift", 1.15))
+        timesteps, _ = retrieve_timesteps(scheduler, recipe.steps, device, sigmas=sigmas, mu=mu)
+        if capture is not None:
+            capture.timesteps = [float(t) for t in timesteps]
+        scheduler.set_begin_index(0)
+
+        for t in timesteps:
+            model_input = latents if image_latents is None else torch.cat([latents, image_latents], dim=1)
+            timestep = t.expand(latents.shape[0]).to(latents.dtype)
+            with pipe.transformer.cache_context("cond"):
+                noise_pred = pipe.transformer(hidden_states=model_input, timestep=timestep / 1000, guidance=None,
+                                              encoder_hidden_states_mask=mask, encoder_hidden_states=embeds,
+                                              img_shapes=img_shapes, attention_kwargs={}, return_dict=False)[0]
+                noise_pred = noise_pred[:, : latents.size(1)]
+            if do_cfg:
+                with pipe.transformer.cache_context("uncond"):
+                    neg_pred = pipe.transformer(hidden_states=model_input, timestep=timestep / 1000,
+                                                guidance=None, encoder_hidden_states_mask=neg_mask,
+                                                encoder_hidden_states=neg_embeds, img_shapes=img_shapes,
+                                                attention_kwargs={}, return_dict=False)[0]
+                neg_pred = neg_pred[:, : latents.size(1)]
+                combined = neg_pred + recipe.guidance * (noise_pred - neg_pred)
+                if recipe.cfg_norm:
+                    cond_norm = torch.norm(noise_pred, dim=-1, keepdim=True)
+                    noise_norm = torch.norm(combined, dim=-1, keepdim=True)
+                    noise_pred = combined * (cond_norm / noise_norm)
+                else:
+                    noise_pred = combined
+            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+
+        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor).to(pipe.vae.dtype)
+        z = pipe.vae.config.z_dim
+        mean = torch.tensor(pipe.vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
+        inv_std = 1.0 / torch.tensor(pipe.vae.config.latents_std).view(1, z, 1, 1, 1).to(latents.device,
+                                                                                          latents.dtype)
+        latents = latents / inv_std + mean
+        image = pipe.vae.decode(latents, return_dict=False)[0][:, :, 0]
+        return pipe.image_processor.postprocess(image, output_type="pil")[0]
