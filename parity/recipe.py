@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from .aitk_config import SampleItem, TrainingJob, snap
+from .preprocess import PROMPT_RESIZE, PROMPT_RESIZE_TRANSPOSED, VAE_RESIZE, effective_prompt_resize
 
 # ai-toolkit's fixed sampling scheduler (qwen_image.py `scheduler_config`, used by get_train_scheduler).
 AITK_SCHEDULER = {
@@ -23,16 +24,11 @@ AITK_SCHEDULER = {
 }
 SCHEDULER_KEYS = tuple(sorted(AITK_SCHEDULER))
 
-# Named preprocessing choices (clean-fid style: which resize is data, not an accident of the code path).
-PROMPT_RESIZE = "torch-bilinear-noaa/area384/r32"  # ai-toolkit 0.12.26 and Diffusers: aspect kept
-PROMPT_RESIZE_TRANSPOSED = "torch-bilinear-noaa/area384/r32/transposed"  # inference server (pre-#707 formula)
-VAE_RESIZE = "pil-lanczos/area1024/r32"  # Diffusers' VaeImageProcessor.preprocess, both sides
-PROMPT_RESIZES = (PROMPT_RESIZE, PROMPT_RESIZE_TRANSPOSED)
 
 LORA_PEFT = "peft-adapter/base-dtype"  # load_lora_weights + adapter weight, math in the base dtype
 LORA_RUNTIME_FP32 = "runtime/fp32"  # ai-toolkit LoRA modules added to the layer output at run time
 LORA_MERGED_FP32 = "merged/fp32"  # ai-toolkit merges W + m*B@A in fp32, cast back to the base dtype
-LORA_APPLICATIONS = (LORA_PEFT, LORA_RUNTIME_FP32, LORA_MERGED_FP32)
+LORA_NONE = "none"  # no LoRA (step 0: an untrained LoRA has a zero up-matrix)
 
 DEFAULT_REFERENCE_STEPS = 25  # ai-toolkit-inference PipelineConfig.default_steps
 DEFAULT_REFERENCE_SEED = 42  # the server's seed is 42 + prompt index when the request has none
@@ -60,6 +56,7 @@ class Recipe:
     multiplier: float
     lora_application: str
     precision: str  # quantization of the base as recorded ("none", "transformer:qfloat8 text_encoder:qfloat8")
+    text_encoder_rope: str  # dtype of the text encoder's rotary buffers (inv_freq)
     vae_tiling: bool
     device: str
     dtype: str  # "bfloat16" | "float32" | "float16"
@@ -85,7 +82,7 @@ class Recipe:
 FIELD_NAMES = (
     "width", "height", "steps", "scheduler", "guidance", "cfg_norm", "negative_prompt", "seed", "prompt",
     "control_images", "control_prompt_resize", "control_vae_resize", "lora", "multiplier", "lora_application",
-    "precision", "vae_tiling", "device", "dtype", "output_format",
+    "precision", "text_encoder_rope", "vae_tiling", "device", "dtype", "output_format",
 )
 # The recipe attributes behind each public field.
 FIELD_ATTRS = {name: (name,) for name in FIELD_NAMES}
@@ -195,8 +192,10 @@ def training_recipe(job: TrainingJob, item: SampleItem, lora: str | None, resolv
         control_vae_resize=VAE_RESIZE,
         lora=lora,
         multiplier=float(item.network_multiplier),
-        lora_application=LORA_MERGED_FP32 if lora_merged else LORA_RUNTIME_FP32,
+        lora_application=LORA_NONE if lora is None else LORA_MERGED_FP32 if lora_merged else LORA_RUNTIME_FP32,
         precision=_quantization(job),
+        # load_model: text_encoder.to(device, dtype=dtype) also casts the float32 rotary inv_freq buffers.
+        text_encoder_rope=_dtype_name(job.train_dtype),
         vae_tiling=job.low_vram,
         device=job.device,
         dtype=_dtype_name(job.train_dtype),
@@ -221,12 +220,13 @@ def reference_recipe(job: TrainingJob, item: SampleItem, lora: str | None, resol
         prompt=replace_trigger(item.raw_prompt, job.trigger_word),
         control_images_prompt=images,
         control_images_vae=images,
-        control_prompt_resize=PROMPT_RESIZE_TRANSPOSED,
+        control_prompt_resize=effective_prompt_resize(PROMPT_RESIZE_TRANSPOSED, images),
         control_vae_resize=VAE_RESIZE,
         lora=lora,
         multiplier=float(item.network_multiplier),
-        lora_application=LORA_PEFT,
+        lora_application=LORA_NONE if lora is None else LORA_PEFT,
         precision="none",
+        text_encoder_rope="float32",  # from_pretrained(torch_dtype=...) keeps the rotary buffers in float32
         vae_tiling=False,
         device=device,
         dtype=dtype,

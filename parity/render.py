@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,10 +19,8 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import CaseError
 from .pipeline import DTYPES, LoadedModel
-from .recipe import PROMPT_RESIZE, PROMPT_RESIZE_TRANSPOSED, VAE_RESIZE, Recipe
-
-CONDITION_AREA = 384 * 384
-VAE_AREA = 1024 * 1024
+from .preprocess import VAE_RESIZE, UnknownRule, prompt_size, vae_size
+from .recipe import Recipe
 
 
 class NotRenderable(Exception):
@@ -48,31 +45,6 @@ def open_control(path: str) -> Image.Image:
                         "replace it with the PNG/JPEG the training used") from None
 
 
-def prompt_size(width: int, height: int, rule: str) -> tuple[int, int]:
-    """(width, height) the prompt encoder sees a control image at, for a named resize rule."""
-    ratio = height / width
-    if rule == PROMPT_RESIZE:
-        # ai-toolkit QwenImageEditPlusModel.get_prompt_embeds: height from the area and H/W, width = height/ratio.
-        h = math.sqrt(CONDITION_AREA * ratio)
-        w = h / ratio
-    elif rule == PROMPT_RESIZE_TRANSPOSED:
-        # ai-toolkit-inference _preprocess_ctrl_for_encode: the same H/W ratio fed to the width formula
-        # (ai-toolkit's pre-#707 code), so a landscape control image reaches the encoder as portrait.
-        w = math.sqrt(CONDITION_AREA * ratio)
-        h = w / ratio
-    else:
-        raise NotRenderable(f"unknown prompt-encoder resize {rule!r}")
-    return round(w / 32) * 32, round(h / 32) * 32
-
-
-def vae_size(width: int, height: int) -> tuple[int, int]:
-    """Diffusers calculate_dimensions(1024*1024, W/H)."""
-    ratio = width / height
-    w = math.sqrt(VAE_AREA * ratio)
-    h = w / ratio
-    return round(w / 32) * 32, round(h / 32) * 32
-
-
 def encode_prompt(loaded: LoadedModel, prompt: str, images: list[Image.Image], rule: str, dtype: torch.dtype):
     """Prompt embeddings as both sides compute them: 0-1 tensors resized by `rule`, then Diffusers' encoder.
 
@@ -83,7 +55,10 @@ def encode_prompt(loaded: LoadedModel, prompt: str, images: list[Image.Image], r
     tensors = []
     for img in images:
         t = TF.to_tensor(img).unsqueeze(0).to(device, dtype=dtype)
-        w, h = prompt_size(t.shape[3], t.shape[2], rule)
+        try:
+            w, h = prompt_size(t.shape[3], t.shape[2], rule)
+        except UnknownRule as exc:
+            raise NotRenderable(str(exc)) from None
         tensors.append(F.interpolate(t, size=(h, w), mode="bilinear"))
     embeds, mask = loaded.pipe.encode_prompt(prompt, image=tensors or None, device=device,
                                              num_images_per_prompt=1)
@@ -101,6 +76,23 @@ def vae_tiling(vae, on: bool):
     finally:
         if on:
             vae.disable_tiling()
+
+
+@contextlib.contextmanager
+def text_encoder_buffers(text_encoder, dtype_name: str):
+    """Cast the text encoder's floating buffers (rotary inv_freq) to `dtype_name`, restore them afterwards."""
+    saved = {}
+    target = DTYPES[dtype_name]
+    for module in text_encoder.modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and buf.is_floating_point() and buf.dtype != target:
+                saved[(module, name)] = buf
+                setattr(module, name, buf.to(target))
+    try:
+        yield
+    finally:
+        for (module, name), buf in saved.items():
+            setattr(module, name, buf)
 
 
 def make_scheduler(loaded: LoadedModel, config_json: str):
@@ -131,9 +123,10 @@ def render(loaded: LoadedModel, recipe: Recipe, capture: RenderCapture | None = 
     vae_pil = [open_control(p) for p in recipe.control_images_vae]
 
     with loaded.lora(recipe.lora, recipe.multiplier, recipe.lora_application), vae_tiling(pipe.vae, recipe.vae_tiling):
-        embeds, mask = encode_prompt(loaded, recipe.prompt, prompt_images, recipe.control_prompt_resize, dtype)
-        neg_embeds, neg_mask = encode_prompt(loaded, recipe.negative_prompt, prompt_images,
-                                             recipe.control_prompt_resize, dtype)
+        with text_encoder_buffers(pipe.text_encoder, recipe.text_encoder_rope):
+            embeds, mask = encode_prompt(loaded, recipe.prompt, prompt_images, recipe.control_prompt_resize, dtype)
+            neg_embeds, neg_mask = encode_prompt(loaded, recipe.negative_prompt, prompt_images,
+                                                 recipe.control_prompt_resize, dtype)
         if capture is not None:
             capture.prompt_embeds, capture.negative_prompt_embeds = embeds, neg_embeds
         # The pipeline drops an all-valid mask (encode_prompt: mask.all() -> None); do the same.

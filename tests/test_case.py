@@ -1,0 +1,90 @@
+"""Case discovery, parity.yaml, and resolving training-machine paths inside the case (or an allowed root)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import CASES, PARITY_A, V1
+from parity.case import Case, discover, read_settings
+from parity.errors import CaseError
+
+
+def test_bundled_cases_are_found():
+    found = discover([CASES])
+    assert [c.name for c in found] == ["tiny_qwen_image_edit_plus_lora_strong_v1",
+                                       "tiny_qwen_image_edit_plus_lora_v1", "tiny_qwen_edit_plus_parity_a"]
+    assert all(isinstance(c, Case) for c in found)
+
+
+def test_paths_map_resolves_workspace_paths():
+    case = next(c for c in discover([CASES]) if c.name == V1.name)
+    path = case.resolve("/workspace/aitk/data/sample_ctrl/ctrl_a.png", "control image")
+    assert path == (CASES / "workspace/aitk/data/sample_ctrl/ctrl_a.png").resolve()
+    assert case.settings.model == str((CASES / "workspace/aitk/tiny-qwen-image-edit-2509").resolve())
+
+
+def copy_case(tmp_path: Path, with_settings: bool = False) -> Case:
+    root = tmp_path / "root"
+    shutil.copytree(CASES / "workspace" / "aitk-a", root / "aitk-a")
+    folder = root / "aitk-a" / "output" / PARITY_A.name
+    if not with_settings:
+        (folder / "parity.yaml").unlink()
+    [case] = discover([root])
+    return case
+
+
+def test_unique_file_name_is_found_without_a_map(tmp_path):
+    case = copy_case(tmp_path)
+    path = case.resolve("/somewhere/else/data/sample_ctrl/ctrl_tall.png", "control image")
+    assert path.name == "ctrl_tall.png" and path.is_file()
+
+
+def test_missing_file_names_the_paths_line_that_fixes_it(tmp_path):
+    case = copy_case(tmp_path)
+    with pytest.raises(CaseError) as err:
+        case.resolve("/workspace/x/none.png", "control image")
+    assert "none.png" in str(err.value) and "paths: {/workspace/x: <local folder>}" in str(err.value)
+
+
+def test_several_candidates_is_an_error(tmp_path):
+    case = copy_case(tmp_path)
+    extra = case.root / "other"
+    extra.mkdir()
+    shutil.copy(case.root / "aitk-a/data/sample_ctrl/ctrl_tall.png", extra / "ctrl_tall.png")
+    with pytest.raises(CaseError, match="several files named 'ctrl_tall.png'"):
+        case.resolve("/w/ctrl_tall.png", "control image")
+
+
+def test_path_outside_the_case_is_refused(tmp_path):
+    case = copy_case(tmp_path)
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(b"x")
+    with pytest.raises(CaseError, match="outside the case"):
+        case.resolve("../../../../secret.png", "control image")
+
+
+def test_parity_yaml_unknown_key_and_bad_threshold(tmp_path):
+    (tmp_path / "parity.yaml").write_text("modle: x\n")
+    with pytest.raises(CaseError, match="unknown key"):
+        read_settings(tmp_path)
+    (tmp_path / "parity.yaml").write_text("thresholds: {ssim: 0.9}\n")
+    with pytest.raises(CaseError, match="thresholds"):
+        read_settings(tmp_path)
+
+
+def test_broken_yaml_is_found_and_fails_with_the_file_name(tmp_path):
+    case = copy_case(tmp_path)
+    (case.folder / "config.yaml").write_text("config: [oops")
+    [found] = discover([case.root])
+    with pytest.raises(CaseError, match="config.yaml: is not valid YAML"):
+        found.job()
+
+
+def test_broken_parity_yaml_makes_a_broken_case(tmp_path):
+    case = copy_case(tmp_path)
+    (case.folder / "parity.yaml").write_text("paths: [1, 2]\n")
+    [broken] = discover([case.root])
+    assert broken.__class__.__name__ == "BrokenCase" and "paths:" in str(broken.error)
