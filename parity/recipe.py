@@ -7,8 +7,10 @@ the equivalent request. The renderer reads only a Recipe, so both sides and any 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -63,8 +65,11 @@ class Recipe:
     output_format: str  # "png" | "jpeg-q75" | ...
 
     def key(self) -> str:
-        """A stable hash of the fields that change pixels (for render caches)."""
-        data = {k: v for k, v in asdict(self).items() if k != "output_format"}
+        """A stable hash of the fields that change pixels (for render caches); files count by content."""
+        data = {k: v for k, v in asdict(self).items() if k not in ("output_format", "device")}
+        data["control_images_prompt"] = [file_digest(p) for p in self.control_images_prompt]
+        data["control_images_vae"] = [file_digest(p) for p in self.control_images_vae]
+        data["lora"] = file_digest(self.lora) if self.lora else None
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     def with_fields(self, **values) -> "Recipe":
@@ -76,6 +81,17 @@ class Recipe:
         for name, value in public_fields(self).items():
             out[name] = _text(value)
         return out
+
+
+@functools.lru_cache(maxsize=256)
+def _digest(path: str, size: int, mtime: float) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()[:16]
+
+
+def file_digest(path: str) -> str:
+    st = os.stat(path)
+    return _digest(path, st.st_size, st.st_mtime)
 
 
 # Public field names (issue #3): two recipe attributes form `control_images`.

@@ -1,0 +1,120 @@
+"""Attribution: which recipe difference explains the gap, measured by counterfactual renders (DESIGN section 7).
+
+Start from the reference recipe; switch one finding (or a group of fields that only make sense together) to
+its training value, render, and measure against the preview; then all training values together (the fidelity
+render). A field's share is the part of the gap (reference distance minus training distance) its switch closes.
+The opposite direction, the training recipe with one reference value switched in, answers "what would I have
+to change at inference to get my preview back". Renders go through the runner's cache, so each costs once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from PIL import Image
+
+from . import compare as cmp
+from .recipe import Recipe, differing_fields, switch
+
+# Fields that are switched together: which control images, and how they are resized, only make sense as one.
+GROUPS = (("control_images", "control_prompt_resize", "control_vae_resize"), ("width", "height"))
+# Differences that are not a rendering choice, or that this machine cannot render.
+NOT_RENDERED = {
+    "output_format": "the preview's encoding: every render is compared encoded as the preview was",
+    "device": "needs the other device; compare on that device (noise floor across devices)",
+}
+
+
+@dataclass
+class Cause:
+    fields: tuple[str, ...]
+    distance: float | None = None  # reference recipe with these fields at the training value, vs preview
+    share: float | None = None  # part of the gap closed
+    reverse_distance: float | None = None  # training recipe with these fields at the reference value
+    testable: bool = True
+    reason: str = ""
+
+    @property
+    def name(self) -> str:
+        return "+".join(self.fields)
+
+
+@dataclass
+class Attribution:
+    metric: str
+    reference_distance: float
+    training_distance: float
+    causes: list[Cause] = field(default_factory=list)
+    floor: float = 0.0
+
+    @property
+    def gap(self) -> float:
+        return self.reference_distance - self.training_distance
+
+    @property
+    def explained(self) -> float:
+        return sum(c.share for c in self.causes if c.share is not None)
+
+    @property
+    def interaction(self) -> float:
+        """Shares adding up to more (or less) than 1: the switches interact."""
+        return self.explained - 1.0
+
+    @property
+    def top(self) -> Cause | None:
+        ranked = [c for c in self.causes if c.share is not None]
+        return max(ranked, key=lambda c: c.share) if ranked and self.gap > self.floor else None
+
+    def as_columns(self) -> dict[str, object]:
+        top = self.top
+        return {"top_cause": top.name if top else "", "top_cause_share": round(top.share, 4) if top else None,
+                "causes": json.dumps({"metric": self.metric, "gap": self.gap, "floor": self.floor,
+                                      "reference_distance": self.reference_distance,
+                                      "training_distance": self.training_distance,
+                                      "causes": [asdict(c) for c in self.causes]})}
+
+
+def distance(preview: Image.Image, image: Image.Image, fmt: str, metric: str) -> float:
+    """How far a render is from the preview, encoded as the preview was (lower is closer)."""
+    c = cmp.compare(preview, cmp.encode_like(image, fmt) if fmt != "png" else image)
+    if not c.same_size:
+        return float("inf")
+    return {"mean_abs": c.mean_abs, "max_abs": float(c.max_abs), "ssim": 1.0 - c.ssim,
+            "psnr": -c.psnr}[metric]
+
+
+def cause_groups(fields: tuple[str, ...]) -> list[tuple[str, ...]]:
+    out, used = [], set()
+    for group in GROUPS:
+        present = tuple(f for f in group if f in fields)
+        if present:
+            out.append(present)
+            used.update(present)
+    out += [(f,) for f in fields if f not in used]
+    return out
+
+
+def attribute(render, preview: Image.Image, training: Recipe, reference: Recipe, *, metric: str = "mean_abs",
+              floor: float = 0.0, reverse: bool = True) -> Attribution:
+    """`render(recipe) -> Image` (cached by the caller); returns the ranking of causes."""
+    fmt = training.output_format
+    dist = lambda recipe: distance(preview, render(recipe), fmt, metric)  # noqa: E731
+    result = Attribution(metric, dist(reference), dist(training), floor=floor)
+    for group in cause_groups(differing_fields(training, reference)):
+        cause = Cause(group)
+        blocked = [NOT_RENDERED[f] for f in group if f in NOT_RENDERED]
+        if blocked:
+            cause.testable, cause.reason = False, "; ".join(blocked)
+        else:
+            try:
+                cause.distance = dist(switch(reference, training, group))
+                if reverse:
+                    cause.reverse_distance = dist(switch(training, reference, group))
+            except NotImplementedError as exc:  # e.g. a quantized base without its library
+                cause.testable, cause.reason = False, f"not testable here: {exc}"
+        if cause.distance is not None and result.gap > floor:
+            cause.share = (result.reference_distance - cause.distance) / result.gap
+        result.causes.append(cause)
+    result.causes.sort(key=lambda c: -(c.share if c.share is not None else float("-inf")))
+    return result

@@ -1,0 +1,73 @@
+"""The pytest plugin end to end through pytester: `pytest parity/` on a small case, passing and failing."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import parity
+from conftest import CASES, PARITY_A
+
+SUITE = Path(parity.__file__).parent / "test_parity.py"
+pytest_plugins = ["pytester"]
+
+
+@pytest.fixture
+def small_root(tmp_path) -> Path:
+    """parity_a with two of its previews (PNG, non-square control images), model and paths mapped."""
+    root = tmp_path / "cases"
+    shutil.copytree(CASES / "workspace" / "aitk-a", root / "aitk-a")
+    case = root / "aitk-a" / "output" / PARITY_A.name
+    for p in (case / "samples").glob("*.png"):
+        if not p.name.endswith(("__000000003_0.png", "__000000006_1.png")):
+            p.unlink()
+    shutil.rmtree(case / "samples" / ".thumbs")
+    settings = (case / "parity.yaml").read_text().replace(
+        "../../../aitk/tiny-qwen-image-edit-2509", str((CASES / "workspace/aitk/tiny-qwen-image-edit-2509").resolve()))
+    (case / "parity.yaml").write_text(settings)
+    return root
+
+
+def run_suite(pytester, root: Path, report: Path, cache: Path, *extra: str):
+    return pytester.runpytest_subprocess(str(SUITE), "--parity-cases", str(root), "--parity-report-dir", str(report),
+                                         "--parity-cache-dir", str(cache), "--parity-device", "cpu",
+                                         "-p", "no:cacheprovider", "-v", *extra)
+
+
+def test_suite_passes_and_writes_reports(pytester, small_root, tmp_path, render_cache):
+    result = run_suite(pytester, small_root, tmp_path / "rep", render_cache)
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*test_preview?tiny_qwen_edit_plus_parity_a/3/0? PASSED*",
+                                 "*preview-parity report:*index.html*"])
+    csv = pd.read_csv(tmp_path / "rep" / "parity.csv")
+    assert sorted(csv["id"]) == ["tiny_qwen_edit_plus_parity_a/3/0", "tiny_qwen_edit_plus_parity_a/6/1"]
+    assert set(csv["verdict"]) == {"match"}
+    assert (tmp_path / "rep" / "index.html").is_file()
+
+
+def test_failure_names_metrics_findings_and_report(pytester, small_root, tmp_path, render_cache):
+    case = next(small_root.rglob("parity.yaml"))
+    case.write_text(case.read_text() + "thresholds: {max_abs_max: 0}\n")
+    result = run_suite(pytester, small_root, tmp_path / "rep", render_cache)
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(["*tiny_qwen_edit_plus_parity_a/3/0: mismatch*", "*metrics: ssim=*",
+                                 "*cfg_norm: false -> true*", "*control_prompt_resize:*transposed*",
+                                 f"*report: {tmp_path / 'rep' / 'index.html'}*"])
+    assert len(pd.read_csv(tmp_path / "rep" / "parity.csv")) == 2  # reports also when items fail
+
+
+def test_options_come_from_ini(pytester, small_root, tmp_path, render_cache):
+    pytester.makeini(f"""
+        [pytest]
+        parity_cases = {small_root}
+        parity_report_dir = {tmp_path / 'ini-rep'}
+        parity_cache_dir = {render_cache}
+        parity_device = cpu
+    """)
+    result = pytester.runpytest_subprocess(str(SUITE), "-p", "no:cacheprovider", "-c", str(pytester.path / "tox.ini"),
+                                           "--rootdir", str(pytester.path))
+    result.assert_outcomes(passed=2)
+    assert (tmp_path / "ini-rep" / "parity.csv").is_file()

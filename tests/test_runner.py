@@ -1,0 +1,69 @@
+"""The runner end to end on bad input: each broken preview errors with a message naming the file, every other
+preview still runs, the reports come out, and no file in a case folder is written."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import CASES, V1
+from parity.runner import Options, plan, run
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def broken_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cases")
+    shutil.copytree(CASES / "workspace" / "aitk", root / "aitk", ignore=shutil.ignore_patterns("*strong*"))
+    v1 = root / "aitk" / "output" / V1.name
+    samples = sorted((v1 / "samples").glob("*.jpg"))
+    keep = {"000000004_0", "000000002_1", "000000004_2", "000000004_1"}
+    for p in samples:
+        if not any(k in p.name for k in keep):
+            p.unlink()
+    (v1 / f"{V1.name}_000000002.safetensors").unlink()  # step 2 previews lose their LoRA
+    (root / "aitk" / "data" / "sample_ctrl" / "ctrl_c.png").unlink()  # prompt 2's control image is gone
+    next((v1 / "samples").glob("*000000004_1.jpg")).write_bytes(b"not a jpeg")  # unreadable preview
+    bad = root / "aitk" / "output" / "broken_config"
+    (bad / "samples").mkdir(parents=True)
+    shutil.copy(samples[0] if samples[0].exists() else next((v1 / "samples").glob("*.jpg")),
+                bad / "samples" / "1__000000000_0.jpg")
+    (bad / "config.yaml").write_text("config:\n  name: broken\n  process: [ {type: diffusion_trainer\n")
+    return root
+
+
+def test_bad_inputs_fail_only_their_previews(broken_root, tmp_path, tiny_model, render_cache):
+    before = tree_digest(broken_root)
+    options = Options(cases=(broken_root,), report_dir=tmp_path / "reports", device="cpu",
+                      cache_dir=render_cache)
+    tasks = plan(options)
+    records = {r["id"]: r for r in run(options, tasks)}
+    assert tree_digest(broken_root) == before  # nothing written into any case folder
+
+    v1 = V1.name
+    assert records[f"{v1}/2/1"]["verdict"] == "error"
+    assert f"{v1}_000000002.safetensors" in records[f"{v1}/2/1"]["reason"]
+    assert records[f"{v1}/4/2"]["verdict"] == "error" and "ctrl_c.png" in records[f"{v1}/4/2"]["reason"]
+    assert records[f"{v1}/4/1"]["verdict"] == "error"
+    assert "000000004_1.jpg: preview image cannot be read" in records[f"{v1}/4/1"]["reason"]
+    assert records["broken_config/0/0"]["verdict"] == "error"
+    assert "config.yaml: is not valid YAML" in records["broken_config/0/0"]["reason"]
+    good = records[f"{v1}/4/0"]
+    assert good["verdict"] in ("match", "mismatch") and good["ssim"] > 0.9
+    assert good["fidelity_verdict"] and "cfg_norm" in good["findings"]
+
+    csv = pd.read_csv(tmp_path / "reports" / "parity.csv")
+    preview_files = [p for p in broken_root.rglob("samples/*") if p.is_file()]
+    assert len(csv) == len(preview_files) == 5
+    html = (tmp_path / "reports" / "index.html").read_text()
+    assert "is not valid YAML" in html and (tmp_path / "reports" / "images" / v1).is_dir()
