@@ -10,12 +10,14 @@ to change at inference to get my preview back". Renders go through the runner's 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 from PIL import Image
 
 from . import compare as cmp
 from .recipe import Recipe, differing_fields, switch
+from .render import NotRenderable
 
 # Fields that are switched together: which control images, and how they are resized, only make sense as one.
 GROUPS = (("control_images", "control_prompt_resize", "control_vae_resize"), ("width", "height"))
@@ -68,11 +70,13 @@ class Attribution:
 
     def as_columns(self) -> dict[str, object]:
         top = self.top
+        finite = lambda v: v if v is None or math.isfinite(v) else None  # noqa: E731  (JSON has no inf)
+        causes = [{**asdict(c), "distance": finite(c.distance), "reverse_distance": finite(c.reverse_distance)}
+                  for c in self.causes]
         return {"top_cause": top.name if top else "", "top_cause_share": round(top.share, 4) if top else None,
-                "causes": json.dumps({"metric": self.metric, "gap": self.gap, "floor": self.floor,
-                                      "reference_distance": self.reference_distance,
-                                      "training_distance": self.training_distance,
-                                      "causes": [asdict(c) for c in self.causes]})}
+                "causes": json.dumps({"metric": self.metric, "gap": finite(self.gap), "floor": self.floor,
+                                      "reference_distance": finite(self.reference_distance),
+                                      "training_distance": finite(self.training_distance), "causes": causes})}
 
 
 def distance(preview: Image.Image, image: Image.Image, fmt: str, metric: str) -> float:
@@ -96,7 +100,7 @@ def cause_groups(fields: tuple[str, ...]) -> list[tuple[str, ...]]:
 
 
 def attribute(render, preview: Image.Image, training: Recipe, reference: Recipe, *, metric: str = "mean_abs",
-              floor: float = 0.0, reverse: bool = True) -> Attribution:
+              floor: float = 0.0, reverse: bool = False) -> Attribution:
     """`render(recipe) -> Image` (cached by the caller); returns the ranking of causes."""
     fmt = training.output_format
     dist = lambda recipe: distance(preview, render(recipe), fmt, metric)  # noqa: E731
@@ -111,10 +115,13 @@ def attribute(render, preview: Image.Image, training: Recipe, reference: Recipe,
                 cause.distance = dist(switch(reference, training, group))
                 if reverse:
                     cause.reverse_distance = dist(switch(training, reference, group))
-            except NotImplementedError as exc:  # e.g. a quantized base without its library
+            except NotRenderable as exc:  # e.g. a quantized base without its library
                 cause.testable, cause.reason = False, f"not testable here: {exc}"
         if cause.distance is not None and result.gap > floor:
-            cause.share = (result.reference_distance - cause.distance) / result.gap
+            if math.isinf(result.gap):  # sizes differ: the switch that makes them match closes it all
+                cause.share = 1.0 if math.isfinite(cause.distance) else 0.0
+            else:
+                cause.share = (result.reference_distance - cause.distance) / result.gap
         result.causes.append(cause)
     result.causes.sort(key=lambda c: -(c.share if c.share is not None else float("-inf")))
     return result

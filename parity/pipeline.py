@@ -50,6 +50,7 @@ class LoadedModel:
         self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self._adapter: tuple[str, str] | None = None  # (lora file, adapter name) loaded through PEFT
+        self.latent_cache: dict[tuple, torch.Tensor] = {}  # control-image VAE latents (render.control_latents)
 
     @property
     def transformer(self):

@@ -95,6 +95,21 @@ def text_encoder_buffers(text_encoder, dtype_name: str):
             setattr(module, name, buf)
 
 
+def control_latents(loaded: LoadedModel, path: str, image: Image.Image, size: tuple[int, int], tiling: bool,
+                    generator) -> torch.Tensor:
+    """A control image's VAE latents (Lanczos to ~1024x1024, encoded with the mode, normalised), computed
+    once per file, size and tiling: the two sides and every counterfactual share them. No RNG is used."""
+    from .recipe import file_digest
+
+    key = (file_digest(path), size, tiling)
+    if key not in loaded.latent_cache:
+        w, h = size
+        pixels = loaded.pipe.image_processor.preprocess(image, h, w).unsqueeze(2)
+        pixels = pixels.to(device=loaded.device, dtype=loaded.dtype)
+        loaded.latent_cache[key] = loaded.pipe._encode_vae_image(image=pixels, generator=generator)
+    return loaded.latent_cache[key]
+
+
 def make_scheduler(loaded: LoadedModel, config_json: str):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -138,11 +153,12 @@ def render(loaded: LoadedModel, recipe: Recipe, capture: RenderCapture | None = 
         width = recipe.width // multiple * multiple
         height = recipe.height // multiple * multiple
         vae_sizes = [vae_size(*img.size) for img in vae_pil]
-        vae_images = [pipe.image_processor.preprocess(img, h, w).unsqueeze(2)
-                      for img, (w, h) in zip(vae_pil, vae_sizes)]
         generator = torch.Generator(recipe.generator_device).manual_seed(recipe.seed)
+        encoded = [control_latents(loaded, path, img, size, recipe.vae_tiling, generator)
+                   for path, img, size in zip(recipe.control_images_vae, vae_pil, vae_sizes)]
         channels = pipe.transformer.config.in_channels // 4
-        latents, image_latents = pipe.prepare_latents(vae_images, 1, channels, height, width, embeds.dtype,
+        # Already-encoded latents pass through prepare_latents untouched (it skips the VAE for them).
+        latents, image_latents = pipe.prepare_latents(encoded, 1, channels, height, width, embeds.dtype,
                                                       device, generator, None)
         img_shapes = [[(1, height // pipe.vae_scale_factor // 2, width // pipe.vae_scale_factor // 2),
                        *[(1, h // pipe.vae_scale_factor // 2, w // pipe.vae_scale_factor // 2) for w, h in vae_sizes]]]

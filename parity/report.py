@@ -1,17 +1,27 @@
-"""Reports from records: `parity.csv` for scripts, `parity.json` for tools, `index.html` for people.
+"""Reports from records: `parity.csv` for scripts, `parity.json` for tools, HTML pages for people.
 
-The HTML is rendered by Jinja2 templates kept as files in the package, from the same records as the CSV;
-Jinja's autoescape escapes every string. Images are files next to the page, never inlined.
+The HTML (`index.html`, one `cases/<case>.html` per case) is rendered by Jinja2 templates kept as files in the
+package, from the same records as the CSV, never from live objects; Jinja's autoescape escapes every string.
+Images are files next to the pages, never inlined: the runner's full-size PNGs, and small WebP thumbnails made
+here from them. The pages open from disk and load nothing from the network; a Content-Security-Policy lets
+only the report's own script run (by hash), so an injected `<script>` could not run even if it got through.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import math
 import os
+import re
 from pathlib import Path
+from urllib.parse import quote
 
 import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
+from markupsafe import Markup
+from PIL import Image
 
 from .recipe import FIELD_NAMES
 from .store import write_atomic
@@ -23,7 +33,19 @@ COLUMNS = [
     "render_seconds", "fidelity_verdict", "fidelity_max_abs", "fidelity_mean_abs", "findings",
     "ssim_raw", "psnr_raw", "mean_abs_raw", "max_abs_raw", "id", "notes", "torch", "diffusers",
     *[f"training.{f}" for f in FIELD_NAMES], *[f"reference.{f}" for f in FIELD_NAMES], "findings_detail",
+    "top_cause", "top_cause_share", "causes", "golden_verdict", "golden_max_abs", "golden_fingerprint",
+    "lpips_alex", "stlpips_alex",
 ]
+# Then any `hint_*` columns (sorted), then whatever else the records carry, in order of first appearance.
+
+# The runner's images of a preview: images/<case>/<stem>.<kind>.png (and <stem>.cause-<name>.png per cause).
+KINDS = ("preview", "reference", "training", "diff", "ssim_map")
+KIND_LABELS = {"preview": "preview (training)", "reference": "reference render", "training": "training render",
+               "diff": "difference", "ssim_map": "SSIM map"}
+THUMB_SIDE = 256  # longest side of a thumbnail, in pixels (shown at 96-200 CSS px, sharp on hi-dpi screens)
+THUMB_QUALITY = 72
+# Metrics charted across training steps, if any record has them: (key, label, higher is closer).
+CHART_METRICS = (("ssim", "SSIM", True), ("lpips_alex", "LPIPS (alex)", False), ("mean_abs", "mean abs", False))
 
 
 def to_frame(records: list[dict]) -> pd.DataFrame:
@@ -31,37 +53,280 @@ def to_frame(records: list[dict]) -> pd.DataFrame:
     for col in COLUMNS:
         if col not in frame:
             frame[col] = None
-    extra = [c for c in frame.columns if c not in COLUMNS]
-    return frame[COLUMNS + extra]
+    hints = sorted(c for c in frame.columns if c not in COLUMNS and str(c).startswith("hint_"))
+    extra = [c for c in frame.columns if c not in COLUMNS and c not in hints]
+    return frame[COLUMNS + hints + extra]
 
 
 def write_reports(records: list[dict], folder: Path, env: dict) -> dict[str, Path]:
+    """Write parity.csv, parity.json, index.html, cases/<case>.html and thumbnails; returns their paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     frame = to_frame(records)
     paths = {"csv": folder / "parity.csv", "json": folder / "parity.json", "html": folder / "index.html"}
     write_atomic(paths["csv"], frame.to_csv(index=False, lineterminator="\n"))
     write_atomic(paths["json"], json.dumps({"environment": env, "records": records}, indent=1, default=str))
-    write_atomic(paths["html"], render_index(records, env, folder))
+    for name, html in render_pages(records, env, folder).items():
+        path = folder / name
+        write_atomic(path, html)
+        if name != "index.html":
+            paths[f"case:{name}"] = path
     return paths
 
 
-def _rel(folder: Path, case: str, preview: str, kind: str) -> str | None:
+# ---- images ---------------------------------------------------------------------------------------------
+
+
+def case_slug(case: str) -> str:
+    """A file name for a case page: safe characters only, plus a hash when anything had to be replaced."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", case or "case").strip("._") or "case"
+    return slug if slug == case else f"{slug}-{hashlib.sha256(case.encode()).hexdigest()[:8]}"
+
+
+def thumbnail(png: Path, thumb: Path) -> bool:
+    """A small WebP of a PNG, made once (remade when the PNG is newer); False when the PNG cannot be read."""
+    try:
+        if thumb.is_file() and thumb.stat().st_mtime >= png.stat().st_mtime:
+            return True
+        with Image.open(png) as im:
+            im = im.convert("RGB")
+            im.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BICUBIC, reducing_gap=2.0)
+            import io
+
+            buf = io.BytesIO()
+            im.save(buf, format="WEBP", quality=THUMB_QUALITY, method=4)
+        write_atomic(thumb, buf.getvalue())
+        return True
+    except OSError:
+        return False
+
+
+def _url(path: Path, page_dir: Path) -> str:
+    return quote(os.path.relpath(path, page_dir).replace(os.sep, "/"))
+
+
+def preview_images(folder: Path, case: str, preview: str) -> dict[str, dict]:
+    """Every image of one preview that exists: {name: {label, png, thumb}} as paths under `folder`."""
     if not preview:
-        return None
+        return {}
     stem = Path(preview).stem
-    path = folder / "images" / case / f"{stem}.{kind}.png"
-    return os.path.relpath(path, folder) if path.is_file() else None
+    base = folder / "images" / case
+    found: dict[str, dict] = {}
+    for kind in KINDS:
+        png = base / f"{stem}.{kind}.png"
+        if png.is_file():
+            found[kind] = {"label": KIND_LABELS[kind], "png": png}
+    if base.is_dir():
+        prefix = f"{stem}.cause-"
+        for png in sorted(base.glob(f"{glob_escape(prefix)}*.png")):
+            name = png.name[len(prefix):-len(".png")]
+            found[f"cause-{name}"] = {"label": f"with training {name}", "png": png, "cause": name}
+    for item in found.values():
+        thumb = item["png"].parent / "thumbs" / (item["png"].stem + ".webp")
+        item["thumb"] = thumb if thumbnail(item["png"], thumb) else None
+    return found
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+# ---- values ---------------------------------------------------------------------------------------------
+
+
+def _num(value) -> float | None:
+    """A finite float, or None (missing, empty, NaN from pandas, text)."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _json(text, default):
+    if not text or not isinstance(text, str):
+        return default
+    try:
+        return json.loads(text)
+    except ValueError:
+        return default
+
+
+def _causes(record: dict) -> dict | None:
+    data = _json(record.get("causes"), None)
+    if not isinstance(data, dict):
+        return None
+    causes = []
+    for c in data.get("causes") or []:
+        if not isinstance(c, dict):
+            continue
+        fields = c.get("fields") or []
+        share = _num(c.get("share"))
+        causes.append({"name": "+".join(str(f) for f in fields), "fields": fields, "share": share,
+                       "distance": _num(c.get("distance")), "reverse_distance": _num(c.get("reverse_distance")),
+                       "testable": c.get("testable", True), "reason": c.get("reason") or "",
+                       # Bar width in percent of the gap; a share can exceed 1 or go negative (interactions).
+                       "bar": None if share is None else max(0.0, min(1.0, abs(share))) * 100,
+                       "negative": share is not None and share < 0})
+    return {"metric": data.get("metric", ""), "gap": _num(data.get("gap")), "floor": _num(data.get("floor")),
+            "reference_distance": _num(data.get("reference_distance")),
+            "training_distance": _num(data.get("training_distance")), "causes": causes}
+
+
+def verdict_class(verdict: str) -> str:
+    return "v-" + (re.sub(r"[^a-z0-9]+", "-", (verdict or "none").lower()).strip("-") or "none")
+
+
+def _row(record: dict, folder: Path, page_dir: Path) -> dict:
+    # Every column present (None when missing; NaN, as pandas reads an empty cell, is None too).
+    record = {**{c: None for c in COLUMNS},
+              **{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}}
+    case = str(record.get("case") or "")
+    images = preview_images(folder, case, str(record.get("preview") or ""))
+    for item in images.values():
+        item["png_url"] = _url(item["png"], page_dir)
+        item["thumb_url"] = _url(item["thumb"], page_dir) if item["thumb"] else item["png_url"]
+    findings = [f for f in _json(record.get("findings_detail"), []) if isinstance(f, dict)]
+    differing = {f.get("field") for f in findings}
+    recipe = [{"field": name, "training": _text(record.get(f"training.{name}")),
+               "reference": _text(record.get(f"reference.{name}"))} for name in FIELD_NAMES]
+    for item in recipe:
+        item["differs"] = item["field"] in differing or item["training"] != item["reference"]
+    hints = {k[len("hint_"):]: v for k, v in record.items() if k.startswith("hint_") and _text(v) != ""}
+    stem = Path(str(record.get("preview") or record.get("id") or "")).stem
+    # What the slider and flicker view can show: the images, then the counterfactual renders (no heat maps).
+    comparable = [(k, images[k]) for k in ("preview", "reference", "training") if k in images]
+    comparable += [(k, v) for k, v in images.items() if "cause" in v]
+    names = [k for k, _ in comparable]
+    a = "preview" if "preview" in names else (names[0] if names else None)
+    b = next((k for k in ["reference", *names] if k in names and k != a), None)
+    return {"r": record, "case": case, "slug": case_slug(case), "anchor": "p-" + re.sub(r"[^A-Za-z0-9_-]", "_", stem),
+            "verdict": record.get("verdict") or "", "vclass": verdict_class(record.get("verdict") or ""),
+            "ssim": _num(record.get("ssim")), "lpips": _num(record.get("lpips_alex")),
+            "stlpips": _num(record.get("stlpips_alex")), "top_cause": _text(record.get("top_cause")),
+            "top_share": _num(record.get("top_cause_share")), "step": _num(record.get("step")),
+            "index": _num(record.get("sample_index")), "images": images, "findings": findings,
+            "recipe": recipe, "causes": _causes(record), "hints": hints,
+            "comparable": comparable, "pair": (a, b)}
+
+
+def _text(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value)
+
+
+def _fmt(value, digits: int = 4) -> str:
+    x = _num(value)
+    if x is None:
+        return "" if value is None or _text(value) == "" else _text(value)
+    return str(int(x)) if x == int(x) and abs(x) < 1e15 and digits == 0 else f"{x:.{digits}f}"
+
+
+# ---- charts ---------------------------------------------------------------------------------------------
+
+
+def step_chart(rows: list[dict], key: str, higher_better: bool, width: int = 300, height: int = 120) -> dict | None:
+    """Points of one sample's metric across training steps, in SVG coordinates (None: fewer than 1 value)."""
+    pts = [(row["step"], _num(row["r"].get(key)), row) for row in rows]
+    pts = sorted(((s, v, row) for s, v, row in pts if s is not None and v is not None), key=lambda p: p[0])
+    if not pts:
+        return None
+    left, right, top, bottom = 46, 10, 10, 24
+    steps = [p[0] for p in pts]
+    values = [p[1] for p in pts]
+    s0, s1 = min(steps), max(steps)
+    v0, v1 = min(values), max(values)
+    if v1 - v0 < 1e-12:
+        v0, v1 = v0 - 0.5 * (abs(v0) or 1) * 0.01, v1 + 0.5 * (abs(v1) or 1) * 0.01
+    pad = (v1 - v0) * 0.08
+    v0, v1 = v0 - pad, v1 + pad
+    sx = lambda s: left + (0.5 if s1 == s0 else (s - s0) / (s1 - s0)) * (width - left - right)  # noqa: E731
+    sy = lambda v: top + (v1 - v) / (v1 - v0) * (height - top - bottom)  # noqa: E731
+    points = [{"x": round(sx(s), 1), "y": round(sy(v), 1), "step": int(s), "value": v, "anchor": row["anchor"],
+               "vclass": row["vclass"], "verdict": row["verdict"]} for s, v, row in pts]
+    first, last = values[0], values[-1]
+    worse = (last < first) if higher_better else (last > first)
+    return {"width": width, "height": height, "points": points,
+            "path": " ".join(f"{'M' if i == 0 else 'L'}{p['x']},{p['y']}" for i, p in enumerate(points)),
+            "ymin": v0 + pad, "ymax": v1 - pad, "y_top": round(sy(v1 - pad), 1), "y_bottom": round(sy(v0 + pad), 1),
+            "x_left": left, "x_right": width - right, "baseline": height - bottom,
+            "smin": int(s0), "smax": int(s1), "trend": ("worse" if worse else "better or same") if len(pts) > 1 else ""}
+
+
+# ---- pages ----------------------------------------------------------------------------------------------
+
+
+def _environment(env: dict, records: list[dict]) -> list[tuple[str, str]]:
+    """What the renders ran on: env first (hardware, versions), then the records' dtype and model."""
+    def distinct(key):
+        return ", ".join(sorted({_text(r.get(key)) for r in records if _text(r.get(key))}))
+
+    env = {k: _text(v) for k, v in (env or {}).items()}
+    hardware = env.pop("gpu", "") or ""
+    device = env.pop("device", "") or distinct("device")
+    rows = [("device", f"{device} ({hardware})" if hardware else (device or "cpu"))]
+    rows.append(("dtype", distinct("dtype")))
+    for key in ("torch", "diffusers", "transformers", "peft"):
+        rows.append((key, env.pop(key, "") or distinct(key)))
+    rows.append(("model", distinct("model")))
+    rows += sorted(env.items())
+    return [(k, v) for k, v in rows if v]
+
+
+def _script_hash(script: str) -> str:
+    return "sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+
+
+def render_pages(records: list[dict], env: dict, folder: Path) -> dict[str, str]:
+    """{relative path: HTML} for the index and every case page, from the records alone (plus image files)."""
+    folder = Path(folder)
+    jinja = Environment(loader=PackageLoader("parity", "templates"), autoescape=select_autoescape(["html"]),
+                        trim_blocks=True, lstrip_blocks=True)
+    jinja.filters["fmt"] = _fmt
+    script = jinja.get_template("report.js.html").render()
+    style = jinja.get_template("report.css.html").render()
+    csp = (f"default-src 'none'; img-src 'self' file:; style-src 'unsafe-inline'; "
+           f"script-src '{_script_hash(script)}'; base-uri 'none'; form-action 'none'")
+    common = {"env": _environment(env, records), "script": Markup(script), "style": Markup(style), "csp": csp,
+              "total": len(records), "fmt": _fmt}
+
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[_text(r.get("verdict")) or "(none)"] = counts.get(_text(r.get("verdict")) or "(none)", 0) + 1
+    cases: dict[str, list[dict]] = {}
+    index_rows = []
+    for r in records:
+        row = _row(r, folder, folder)
+        index_rows.append(row)
+        cases.setdefault(row["case"], []).append(r)
+
+    pages = {"index.html": jinja.get_template("index.html").render(
+        rows=index_rows, counts=sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])),
+        vclass=verdict_class, cases=sorted(cases), **common)}
+    for case, recs in cases.items():
+        rows = [_row(r, folder, folder / "cases") for r in recs]
+        rows.sort(key=lambda row: (row["index"] if row["index"] is not None else -1,
+                                   row["step"] if row["step"] is not None else -1))
+        samples: dict = {}
+        for row in rows:
+            samples.setdefault(row["index"], []).append(row)
+        metrics = [(key, label, higher) for key, label, higher in CHART_METRICS
+                   if any(_num(r.get(key)) is not None for r in recs)]
+        charts = [{"index": idx, "prompt": _text(srows[0]["r"].get("prompt")),
+                   "charts": [(label, step_chart(srows, key, higher)) for key, label, higher in metrics]}
+                  for idx, srows in samples.items()]
+        case_counts: dict[str, int] = {}
+        for row in rows:
+            case_counts[row["verdict"] or "(none)"] = case_counts.get(row["verdict"] or "(none)", 0) + 1
+        pages[f"cases/{case_slug(case)}.html"] = jinja.get_template("case.html").render(
+            case=case, rows=rows, charts=charts, metrics=metrics, counts=sorted(case_counts.items()),
+            vclass=verdict_class, **common)
+    return pages
 
 
 def render_index(records: list[dict], env: dict, folder: Path) -> str:
-    jinja = Environment(loader=PackageLoader("parity", "templates"), autoescape=select_autoescape(["html"]))
-    rows = []
-    for r in records:
-        rows.append({**r, "img": {k: _rel(folder, r["case"], r.get("preview") or "", k)
-                                  for k in ("preview", "reference", "training", "diff", "ssim_map")},
-                     "findings_list": json.loads(r.get("findings_detail") or "[]")})
-    counts: dict[str, int] = {}
-    for r in records:
-        counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
-    return jinja.get_template("index.html").render(rows=rows, env=env, counts=counts)
+    """The index page alone (kept for callers of the first version)."""
+    return render_pages(records, env, folder)["index.html"]

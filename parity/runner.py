@@ -5,6 +5,7 @@ case -> recipes -> render -> compare -> findings -> record. The pytest plugin an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -14,18 +15,27 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from . import compare as cmp
+from . import metrics
 from .aitk_config import SampleItem, TrainingJob
 from .case import BrokenCase, Case, discover
 from .errors import CaseError
 from .findings import find
 from .previews import Preview, index_checkpoints, index_previews, lora_for_step
-from .recipe import FIELD_NAMES, Recipe, reference_recipe, training_recipe
-from .store import write_atomic, save_png
+from .recipe import FIELD_NAMES, Recipe, differing_fields, reference_recipe, switch, training_recipe
+from .goldens import Goldens, fingerprint, golden_name
+from .store import save_png
 
 DEFAULT_THRESHOLDS = {"ssim_min": 0.9}
-# Fidelity: the training render, encoded as the preview was, against the preview file. The fixtures' CPU
-# bf16 previews reproduce here within a few levels (kernel-level rounding differs between CPUs).
-DEFAULT_FIDELITY_MAX_ABS = 8
+# Cached renders are only valid for the code that made them.
+RENDER_CODE = hashlib.sha256(b"".join((Path(__file__).parent / f).read_bytes()
+                                      for f in ("render.py", "pipeline.py", "preprocess.py"))).hexdigest()[:12]
+MAP_NAMES = {"diff": "diff", "ssim": "ssim_map"}  # image suffixes the report reads
+# Fidelity: the training render, encoded as the preview was, against the preview file, judged on the mean
+# absolute difference (0-255 levels). The fixtures' CPU bf16 previews reproduce here within mean 0.45 / max 6
+# levels lossless; saving a render that is a few levels off as JPEG q75 again moves noise-like images by ~1.7
+# levels on average (max ~26), so a JPEG preview gets a wider floor. A wrong input (LoRA step, seed,
+# checkpoint, control image) moves the image by far more.
+FIDELITY_FLOOR = {"png": 1.0, "jpeg": 3.0}
 
 
 @dataclass(frozen=True)
@@ -37,7 +47,18 @@ class Options:
     model: str | None = None  # overrides every case's model
     cache_dir: Path | None = None
     thresholds: dict = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
-    fidelity_max_abs: float = DEFAULT_FIDELITY_MAX_ABS
+    fidelity_floor: dict = field(default_factory=lambda: dict(FIDELITY_FLOOR))
+    explain: str = "failed"  # attribution for: failed | all | none
+    metric: str = "mean_abs"  # the distance attribution ranks causes by
+    reverse: bool = False  # attribution also renders the training recipe with each reference value
+    accept: tuple[str, ...] = ()  # recipe fields whose differences are accepted (with each case's `accept:`)
+    floor: float = 0.0  # noise floor of `metric` for "explained" and attribution
+    goldens: Path | None = None  # regression mode: stored known-good reference renders
+    update_goldens: bool = False
+    deterministic: bool = False
+    shard: tuple[int, int] | None = None  # (i, n): this run checks the i-th of n shards (1-based)
+    metrics: tuple[str, ...] = ("lpips_alex", "stlpips_alex")  # perceptual distances (parity.metrics.REGISTRY)
+    lpips_weights: str | None = None  # AlexNet trunk for lpips_alex (else torchvision's cache)
 
 
 @dataclass
@@ -54,6 +75,7 @@ class Task:
     training: Recipe | None = None
     reference: Recipe | None = None
     thresholds: dict = field(default_factory=dict)
+    accept: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
     error: str | None = None
 
@@ -95,7 +117,8 @@ def _case_tasks(case: Case, options: Options) -> list[Task]:
     thresholds = {**options.thresholds, **case.settings.thresholds}
     for pv in previews:
         task = Task(id=f"{case.name}/{pv.step}/{pv.index}", case=case.name, case_folder=case.folder,
-                    preview=pv.path, step=pv.step, index=pv.index, model=model, thresholds=thresholds)
+                    preview=pv.path, step=pv.step, index=pv.index, model=model, thresholds=thresholds,
+                    accept=case.settings.accept)
         try:
             _build_recipes(task, case, job, pv, checkpoints, sched, options)
         except CaseError as err:
@@ -151,6 +174,9 @@ def plan(options: Options) -> list[Task]:
                 [_error_task(case.name, case.folder, None, str(case.error))]
         else:
             tasks += _case_tasks(case, options)
+    if options.shard:
+        i, n = options.shard
+        tasks = [t for k, t in enumerate(tasks) if k % n == i - 1]
     return tasks
 
 
@@ -162,6 +188,17 @@ def open_preview(path: Path) -> Image.Image:
     except (UnidentifiedImageError, OSError) as exc:
         raise CaseError(path, f"preview image cannot be read ({exc.__class__.__name__})",
                         "copy the preview again from the training machine, or delete it") from None
+
+
+def deterministic() -> None:
+    """Deterministic kernels: what --parity-deterministic switches on (recorded in the report)."""
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False
 
 
 def environment(device: str) -> dict[str, str]:
@@ -180,15 +217,34 @@ class Checker:
 
     def __init__(self, options: Options):
         self.options = options
+        if options.deterministic:
+            deterministic()
         self.env = environment(options.device)
+        self.env["deterministic"] = str(options.deterministic).lower()
+        self.goldens = None
+        if options.goldens is not None:
+            goldens = Goldens(options.goldens, update=options.update_goldens)
+            self.goldens = goldens if goldens.active else None
+        self.metric_set = metrics.build(options.metrics, lpips_weights=options.lpips_weights)
         self.renders = 0
+        self._recent: dict[str, Image.Image] = {}  # the last few renders: one preview's are reused
 
     def render(self, recipe: Recipe, model: str) -> tuple[Image.Image, float]:
+        key = f"{recipe.key()}|{model}"
+        if key in self._recent:
+            return self._recent[key], 0.0
+        image, seconds = self._render(recipe, model)
+        self._recent[key] = image
+        while len(self._recent) > 16:
+            self._recent.pop(next(iter(self._recent)))
+        return image, seconds
+
+    def _render(self, recipe: Recipe, model: str) -> tuple[Image.Image, float]:
         from . import pipeline, render
 
         cache = None
         if self.options.cache_dir is not None:
-            fp = json.dumps([recipe.key(), model, self.options.device, self.env], sort_keys=True)
+            fp = json.dumps([recipe.key(), model, self.options.device, self.env, RENDER_CODE], sort_keys=True)
             cache = Path(self.options.cache_dir) / f"{recipe.key()}-{_short_hash(fp)}.png"
             if cache.is_file():
                 with Image.open(cache) as im:
@@ -220,17 +276,20 @@ class Checker:
         save_png(preview, images["preview"])
         save_png(reference, images["reference"])
         fmt = task.training.output_format
-        parity_raw = cmp.compare(preview, reference)
-        parity = cmp.compare(preview, cmp.encode_like(reference, fmt)) if fmt != "png" else parity_raw
+        jpeg = metrics.preview_jpeg(task.preview)  # quality and subsampling read from the preview file
+        result = metrics.compare_preview(preview, reference, self.metric_set, jpeg=jpeg)
+        parity, parity_raw = result.judged.comparison, result.raw.comparison
         row.update(parity.as_row())
         row.update({f"{k}_raw": v for k, v in parity_raw.as_row().items()})
+        row.update(result.as_row())
         try:
             training, _ = self.render(task.training, task.model)
             save_png(training, images["training"])
-            fidelity = cmp.compare(preview, cmp.encode_like(training, fmt))
+            fidelity = cmp.compare(preview, metrics.encode_jpeg(training, jpeg) if jpeg else training)
             row["fidelity_max_abs"] = fidelity.max_abs
             row["fidelity_mean_abs"] = fidelity.mean_abs
-            reproduced = fidelity.max_abs is not None and fidelity.max_abs <= self.options.fidelity_max_abs
+            floor = self.options.fidelity_floor["jpeg" if jpeg else "png"]
+            reproduced = fidelity.mean_abs is not None and fidelity.mean_abs <= floor
             row["fidelity_verdict"] = "reproduced" if reproduced else "cannot reproduce preview"
         except CaseError as err:
             row.update(verdict="error", reason=str(err))
@@ -243,19 +302,63 @@ class Checker:
                        reason=f"preview is {parity.size_a[0]}x{parity.size_a[1]}, regeneration is "
                               f"{parity.size_b[0]}x{parity.size_b[1]}")
             return row
-        save_png(cmp.diff_heatmap(preview, reference), images["diff"])
-        save_png(cmp.ssim_heatmap(preview, reference), images["ssim_map"])
+        for name, image in metrics.maps(preview, reference, result.raw).items():
+            save_png(image, images["preview"].with_name(f"{task.preview.stem}.{MAP_NAMES.get(name, name + '_map')}.png"))
         failed = judge(parity, task.thresholds)
+        if self.goldens is not None:
+            row.update(self.goldens.check(reference, task.reference, fingerprint(self.env, task.reference.dtype),
+                                          golden_name(task.case, task.preview)))
+        if self.options.explain == "all" or (self.options.explain == "failed" and failed):
+            self.explain(task, preview, row)
+        accepted = self.accepted(task)
+        if failed and accepted and reproduced:
+            explained, detail = self.explained_by(task, preview, accepted)
+            if explained:
+                row.update(verdict="explained", reason=f"gap explained by accepted fields "
+                                                       f"{', '.join(accepted)} ({detail}); " + "; ".join(failed))
+                return row
         if not failed:
             row.update(verdict="match", reason="")
         elif not reproduced:
             row.update(verdict="cannot reproduce preview",
                        reason=f"the training recipe does not reproduce the preview either (max abs "
-                              f"{row['fidelity_max_abs']} levels): an input is missing or different "
+                              f"{row['fidelity_max_abs']}, mean abs {row['fidelity_mean_abs']:.2f} levels): an "
+                              f"input is missing or different "
                               f"(checkpoint, LoRA step, control image); " + "; ".join(failed))
         else:
             row.update(verdict="mismatch", reason="; ".join(failed))
         return row
+
+    def accepted(self, task: Task) -> tuple[str, ...]:
+        findings = set(differing_fields(task.training, task.reference))
+        return tuple(f for f in FIELD_NAMES if f in findings and f in set(self.options.accept) | set(task.accept))
+
+    def explained_by(self, task: Task, preview: Image.Image, fields: tuple[str, ...]) -> tuple[bool, str]:
+        """Switching the accepted fields to their training values brings the render down to the training
+        render's distance (plus the noise floor): the gap is explained by differences the user accepted."""
+        from .attribution import distance
+
+        fmt, metric = task.training.output_format, self.options.metric
+        switched = distance(preview, self.render(switch(task.reference, task.training, fields), task.model)[0],
+                            fmt, metric)
+        training = distance(preview, self.render(task.training, task.model)[0], fmt, metric)
+        return switched <= training + self.options.floor, f"{metric} {switched:.4g} with them at the training " \
+                                                           f"value vs {training:.4g} for the training recipe"
+
+    def explain(self, task: Task, preview: Image.Image, row: dict):
+        """Counterfactual renders: which finding explains the gap (attribution), saved and recorded."""
+        from .attribution import attribute
+
+        result = attribute(lambda recipe: self.render(recipe, task.model)[0], preview, task.training,
+                           task.reference, metric=self.options.metric, floor=self.options.floor,
+                           reverse=self.options.reverse)
+        row.update(result.as_columns())
+        folder = self.image_paths(task)["preview"].parent
+        for cause in result.causes:
+            if cause.distance is not None:  # already rendered: served from the in-memory cache
+                image, _ = self.render(switch(task.reference, task.training, cause.fields), task.model)
+                save_png(image, folder / f"{task.preview.stem}.cause-{cause.name}.png")
+        return result
 
     def image_paths(self, task: Task) -> dict[str, Path]:
         folder = Path(self.options.report_dir) / "images" / task.case
@@ -281,6 +384,7 @@ def base_row(task: Task, env: dict) -> dict:
            "step": task.step, "sample_index": task.index, "verdict": "", "reason": "",
            "ssim": None, "psnr": None, "mean_abs": None, "max_abs": None,
            "fidelity_verdict": "", "fidelity_max_abs": None, "render_seconds": None,
+           "top_cause": "", "top_cause_share": None, "causes": "",
            "model": task.model or "", "notes": "; ".join(n for n in task.notes if n != "skipped"),
            "device": env["device"], "torch": env["torch"], "diffusers": env["diffusers"]}
     r = task.reference
@@ -299,8 +403,6 @@ def base_row(task: Task, env: dict) -> dict:
 
 
 def _short_hash(text: str) -> str:
-    import hashlib
-
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

@@ -1,0 +1,110 @@
+"""Hints: named numbers that point at the cause of a difference between two images.
+
+Each hint is one number with a fixed definition, computed by scikit-image / numpy, so a person can read it next
+to the metrics: a translation (phase correlation), a colour or brightness shift (CIEDE2000, CIELAB offsets), how
+much of the error is low frequency (a cast, a tone change) versus high frequency (noise, detail, JPEG), a
+resolution-mismatch signal (high-frequency energy of one image over the other's) and the size difference.
+Convention: `a` is the preview (reference of the comparison), `b` the regeneration; offsets are b minus a.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+from skimage.color import deltaE_ciede2000, rgb2gray, rgb2lab
+from skimage.registration import phase_cross_correlation
+
+HINTS_VERSION = "hints v1"
+COLOUR_SIZE = 256  # colour hints on a box-downscaled copy: a cast is low frequency, and CIEDE2000 costs ~1 s/Mpx
+LOW_FREQ_CUTOFF = 0.05  # cycles/pixel: periods longer than 20 px count as "low frequency" error
+HIGH_FREQ_CUTOFF = 0.25  # cycles/pixel: above half the Nyquist frequency, what a 2x down-up resize removes
+SHIFT_UPSAMPLE = 10  # phase correlation to 0.1 px
+
+
+@dataclass(frozen=True)
+class Hints:
+    size_dw: int  # width of b minus width of a, pixels
+    size_dh: int
+    shift_x: float | None  # b's content is displaced this many pixels right of a's (phase correlation)
+    shift_y: float | None  # ... and this many pixels down
+    delta_e_mean: float | None  # mean per-pixel CIEDE2000 (on COLOUR_SIZE copies)
+    colour_cast_delta_e: float | None  # CIEDE2000 between the two mean colours: a global colour/brightness shift
+    lab_offset_l: float | None  # mean L* of b minus a: brightness
+    lab_offset_a: float | None  # mean a* of b minus a: + redder / - greener
+    lab_offset_b: float | None  # mean b* of b minus a: + yellower / - bluer
+    error_low_freq_share: float | None  # share of the error energy below LOW_FREQ_CUTOFF (0..1)
+    hf_energy_ratio: float | None  # energy above HIGH_FREQ_CUTOFF of b over that of a; << 1: b is softer
+
+    def as_row(self, prefix: str = "hint_") -> dict[str, object]:
+        return {f"{prefix}{k}": v for k, v in asdict(self).items()}
+
+
+def gray(image: Image.Image) -> np.ndarray:
+    return rgb2gray(np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0)
+
+
+def translation(a: Image.Image, b: Image.Image) -> tuple[float, float]:
+    """(x, y) pixels by which b's content sits right/down of a's."""
+    shift, _, _ = phase_cross_correlation(gray(a), gray(b), upsample_factor=SHIFT_UPSAMPLE, normalization=None)
+    return -float(shift[1]) + 0.0, -float(shift[0]) + 0.0  # skimage returns the shift that registers b onto a
+
+
+def downscaled(image: Image.Image, size: int = COLOUR_SIZE) -> Image.Image:
+    image = image.convert("RGB")
+    scale = size / max(image.size)
+    if scale >= 1:
+        return image
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BOX)
+
+
+def colour(a: Image.Image, b: Image.Image) -> dict[str, float]:
+    la = rgb2lab(np.asarray(downscaled(a), dtype=np.float64) / 255.0)
+    lb = rgb2lab(np.asarray(downscaled(b), dtype=np.float64) / 255.0)
+    ma, mb = la.reshape(-1, 3).mean(axis=0), lb.reshape(-1, 3).mean(axis=0)
+    off = mb - ma
+    return dict(delta_e_mean=float(deltaE_ciede2000(la, lb).mean()),
+                colour_cast_delta_e=float(deltaE_ciede2000(ma, mb)),
+                lab_offset_l=float(off[0]), lab_offset_a=float(off[1]), lab_offset_b=float(off[2]))
+
+
+def radial_frequency(shape: tuple[int, int]) -> np.ndarray:
+    """|f| in cycles/pixel for each bin of an rfft2 of an image of `shape`."""
+    fy = np.fft.fftfreq(shape[0])[:, None]
+    fx = np.fft.rfftfreq(shape[1])[None, :]
+    return np.sqrt(fx ** 2 + fy ** 2)
+
+
+def power(x: np.ndarray) -> np.ndarray:
+    p = np.abs(np.fft.rfft2(x)) ** 2
+    p[:, 1:-1 if x.shape[1] % 2 == 0 else None] *= 2  # rfft keeps half the spectrum: count the mirrored bins
+    return p
+
+
+def error_low_freq_share(a: Image.Image, b: Image.Image) -> float:
+    """Share of the squared error (Parseval) at frequencies below LOW_FREQ_CUTOFF, DC included."""
+    err = np.asarray(b.convert("RGB"), np.float64) - np.asarray(a.convert("RGB"), np.float64)
+    p = sum(power(err[..., c]) for c in range(3))
+    total = float(p.sum())
+    return 0.0 if total == 0 else float(p[radial_frequency(err.shape[:2]) < LOW_FREQ_CUTOFF].sum() / total)
+
+
+def hf_energy_ratio(a: Image.Image, b: Image.Image) -> float:
+    """Energy above HIGH_FREQ_CUTOFF of b's luminance over a's: ~1 for the same resolution; a render made at a
+    lower resolution and upscaled (or a blurrier pipeline) gives well below 1, the reverse well above."""
+    ga, gb = gray(a), gray(b)
+    high = radial_frequency(ga.shape) > HIGH_FREQ_CUTOFF
+    ea, eb = float(power(ga)[high].sum()), float(power(gb)[high].sum())
+    if ea == 0:
+        return 1.0 if eb == 0 else float("inf")
+    return eb / ea
+
+
+def hints(a: Image.Image, b: Image.Image) -> Hints:
+    dw, dh = b.width - a.width, b.height - a.height
+    if (dw, dh) != (0, 0):
+        return Hints(dw, dh, *([None] * 9))
+    sx, sy = translation(a, b)
+    return Hints(dw, dh, sx, sy, **colour(a, b), error_low_freq_share=error_low_freq_share(a, b),
+                 hf_energy_ratio=hf_energy_ratio(a, b))

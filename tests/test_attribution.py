@@ -1,0 +1,76 @@
+"""Attribution: a planted difference of each kind is named first; shares, groups, reverse direction."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import TINY_MODEL
+from parity import pipeline, render
+from parity.attribution import attribute, cause_groups
+from parity.preprocess import PROMPT_RESIZE_TRANSPOSED
+from parity.recipe import LORA_MERGED_FP32, LORA_RUNTIME_FP32
+from test_recipe import recipes
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def base():
+    # parity_a step 3, prompt 2: LoRA at multiplier 0.6, a negative prompt, the wide 320x240 control image.
+    _, training, reference = recipes("tiny_qwen_edit_plus_parity_a")[6]
+    assert reference.lora and reference.multiplier == 0.6
+    return training
+
+
+@pytest.fixture(scope="module")
+def renderer():
+    loaded = pipeline.load(str(TINY_MODEL.resolve()), "cpu", "bfloat16")
+    cache, calls = {}, []
+
+    def render_fn(recipe):
+        if recipe.key() not in cache:
+            calls.append(recipe.key())
+            cache[recipe.key()] = render.render(loaded, recipe)
+        return cache[recipe.key()]
+
+    render_fn.calls = calls
+    return render_fn
+
+
+PLANTED = {
+    "width": dict(width=256, height=192),
+    "steps": dict(steps=4),
+    "seed": dict(seed=123),
+    "guidance": dict(guidance=2.0),
+    "multiplier": dict(multiplier=1.5),
+    "control_prompt_resize": dict(control_prompt_resize=PROMPT_RESIZE_TRANSPOSED),
+    "lora_application": dict(lora_application=LORA_MERGED_FP32),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PLANTED))
+def test_planted_difference_is_named_first(base, renderer, kind):
+    # The "preview" was made with one field changed; the reference is the unchanged recipe.
+    planted = base.with_fields(**PLANTED[kind])
+    assert base.lora_application == LORA_RUNTIME_FP32
+    preview = renderer(planted)
+    before = len(renderer.calls)
+    result = attribute(renderer, preview, planted, base)
+    top = result.top
+    assert top is not None and kind in top.fields, [(c.name, c.share) for c in result.causes]
+    assert top.share == pytest.approx(1.0) and result.training_distance == 0 and result.gap > 0
+    # renders: the reference and the all-training recipe once each, one per differing field, no more
+    assert len(renderer.calls) - before <= 1 + 1  # here the only switch *is* the planted recipe (cached)
+
+
+def test_groups_and_not_testable(base, renderer):
+    assert cause_groups(("cfg_norm", "control_images", "control_prompt_resize", "width", "height")) == [
+        ("control_images", "control_prompt_resize"), ("width", "height"), ("cfg_norm",)]
+    other = base.with_fields(output_format="png", device="cuda", cfg_norm=True)
+    result = attribute(renderer, renderer(base), base, other, reverse=True)
+    by_name = {c.name: c for c in result.causes}
+    assert not by_name["device"].testable and "device" in by_name["device"].reason
+    assert by_name["cfg_norm"].share == pytest.approx(1.0)
+    assert by_name["cfg_norm"].reverse_distance > 0  # the training recipe with the reference value moves away
+    columns = result.as_columns()
+    assert columns["top_cause"] == "cfg_norm" and columns["top_cause_share"] == 1.0

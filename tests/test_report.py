@@ -1,0 +1,273 @@
+"""The reports from synthetic records (no model runs): CSV columns, JSON, index and case pages, thumbnails,
+escaping, no network references; and the size of a 100-preview report at 1024x1024."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from parity.recipe import FIELD_NAMES
+from parity.report import COLUMNS, case_slug, to_frame, write_reports
+
+XSS = "<script>alert(1)</script>"
+ENV = {"torch": "2.14.1", "diffusers": "0.39.0", "transformers": "5.5.3", "peft": "0.18.1", "device": "cuda",
+       "gpu": "NVIDIA H100 80GB HBM3"}
+VERDICTS = ("match", "mismatch", "cannot reproduce preview", "error", "size mismatch")
+
+
+def synthetic_image(side: int, seed: int) -> Image.Image:
+    """Smooth shapes and fine noise, compressing about as a render does (not a flat colour, not pure noise)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:side, 0:side] / side
+    img = np.stack([np.sin(6 * x + seed) * 60 + 120, np.cos(5 * y - seed) * 60 + 110, (x + y) * 70 + 40], -1)
+    for _ in range(6):
+        cx, cy, r = rng.random(3) * [1, 1, 0.25]
+        img[(x - cx) ** 2 + (y - cy) ** 2 < r * r] += rng.integers(-60, 60, 3)
+    img += rng.normal(0, 4, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def synthetic_record(i: int, case: str, step: int, index: int, verdict: str, prompt: str) -> dict:
+    stem = f"17957{i:08d}__{step:09d}_{index}"
+    training = {f: f"t-{f}" for f in FIELD_NAMES}
+    reference = dict(training)
+    reference.update({"cfg_norm": "true", "text_encoder_rope": "float32", "output_format": "png"})
+    training.update({"cfg_norm": "false", "text_encoder_rope": "bfloat16", "output_format": "jpeg-q75",
+                     "prompt": prompt})
+    reference["prompt"] = prompt
+    findings = [{"field": f, "training": training[f], "reference": reference[f], "effect": f"what {f} does"}
+                for f in ("cfg_norm", "text_encoder_rope", "output_format")]
+    causes = {"metric": "mean_abs", "gap": 3.0, "floor": 0.2, "reference_distance": 4.0, "training_distance": 1.0,
+              "causes": [{"fields": ["cfg_norm"], "distance": 1.6, "share": 0.8, "reverse_distance": 3.7,
+                          "testable": True, "reason": ""},
+                         {"fields": ["text_encoder_rope"], "distance": 3.7, "share": 0.1, "reverse_distance": 1.1,
+                          "testable": True, "reason": ""},
+                         {"fields": ["output_format"], "distance": None, "share": None, "reverse_distance": None,
+                          "testable": False, "reason": "the preview's encoding"}]}
+    ssim = round(0.995 - 0.00002 * step - 0.01 * (verdict != "match") - 0.001 * index, 4)
+    row = {"id": f"{case}/{step}/{index}", "case": case, "preview": f"{stem}.jpg", "step": step,
+           "sample_index": index, "verdict": verdict, "reason": "" if verdict == "match" else f"ssim {ssim} not >= 0.98",
+           "ssim": ssim, "psnr": 38.5 - step / 100, "mean_abs": 1.5 + step / 200, "max_abs": 20 + step // 50,
+           "width": 1024, "height": 1024, "seed": 42 + index, "steps": 20, "guidance": 3.0, "multiplier": 1.0,
+           "prompt": prompt, "lora": f"lora_{step:09d}.safetensors", "model": "Qwen/Qwen-Image-Edit-2509",
+           "device": "cuda", "dtype": "bfloat16", "render_seconds": 12.3, "fidelity_verdict": "reproduced",
+           "fidelity_max_abs": 3, "fidelity_mean_abs": 0.4, "findings": "; ".join(f["field"] for f in findings),
+           "ssim_raw": ssim - 0.1, "psnr_raw": 30.0, "mean_abs_raw": 5.0, "max_abs_raw": 60, "notes": "",
+           "torch": "2.14.1", "diffusers": "0.39.0", "findings_detail": json.dumps(findings),
+           "top_cause": "cfg_norm", "top_cause_share": 0.8, "causes": json.dumps(causes),
+           "golden_verdict": "same", "golden_max_abs": 0, "golden_fingerprint": "ab12cd34",
+           "lpips_alex": round(0.01 + 0.00004 * step, 4), "stlpips_alex": 0.02, "hint_try": "set cfg_norm: false"}
+    row.update({f"training.{f}": v for f, v in training.items()})
+    row.update({f"reference.{f}": v for f, v in reference.items()})
+    return row
+
+
+def make_report(folder: Path, n: int = 12, side: int = 64, distinct: int = 6) -> tuple[list[dict], dict]:
+    """n records over two cases and every verdict, with every image kind the runner writes (copies of a few
+    distinct PNGs, so that big reports are quick to make); writes the reports and returns (records, paths)."""
+    pool = folder.parent / f".pool-{side}"
+    pool.mkdir(parents=True, exist_ok=True)
+    sources = []
+    for k in range(distinct):
+        path = pool / f"{k}.png"
+        if not path.is_file():
+            synthetic_image(side, k).save(path)
+        sources.append(path)
+    prompts = ["make the square red", "a cat in a hat, watercolour", XSS, "turn the photo into line art"]
+    records = []
+    for i in range(n):
+        case = "run_a" if i % 3 else "run b/with spaces"
+        index, step = i % 4, (i // 4) * 250
+        rec = synthetic_record(i, case, step, index, VERDICTS[i % len(VERDICTS)], prompts[index])
+        if i == 1:  # an old record, from before attribution and LPIPS
+            for key in ("top_cause", "top_cause_share", "causes", "lpips_alex", "stlpips_alex", "golden_verdict",
+                        "golden_max_abs", "golden_fingerprint", "hint_try"):
+                rec.pop(key)
+        records.append(rec)
+        stem = Path(rec["preview"]).stem
+        images = folder / "images" / case
+        images.mkdir(parents=True, exist_ok=True)
+        for j, kind in enumerate(("preview", "reference", "training", "diff", "ssim_map", "cause-cfg_norm",
+                                  "cause-text_encoder_rope")):
+            target = images / f"{stem}.{kind}.png"
+            try:  # a hard link: a 1 GB report takes no disk, its files still count their full size
+                os.link(sources[(i + j) % distinct], target)
+            except OSError:
+                shutil.copyfile(sources[(i + j) % distinct], target)
+    paths = write_reports(records, folder, ENV)
+    return records, paths
+
+
+def measure(folder: Path, n: int = 100, side: int = 1024) -> dict:
+    """Make an n-preview report at side x side and return its sizes in bytes and the seconds it took."""
+    import time
+
+    start = time.perf_counter()
+    make_report(folder, n=n, side=side)
+    seconds = time.perf_counter() - start
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    size = lambda ps: sum(p.stat().st_size for p in ps)  # noqa: E731
+    thumbs = [p for p in files if p.suffix == ".webp"]
+    pngs = [p for p in files if p.suffix == ".png"]
+    pages = [p for p in files if p.suffix == ".html"]
+    return {"previews": n, "side": side, "index_bytes": (folder / "index.html").stat().st_size,
+            "case_pages_bytes": size(pages) - (folder / "index.html").stat().st_size,
+            "thumbnails": len(thumbs), "thumbnail_bytes": size(thumbs), "full_size_pngs": len(pngs),
+            "full_size_png_bytes": size(pngs), "csv_json_bytes": size(p for p in files if p.suffix in (".csv", ".json")),
+            "total_bytes": size(files), "seconds_with_thumbnails": round(seconds, 1)}
+
+
+class Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs: list[str] = []
+        self.scripts: list[str] = []
+        self._in_script = False
+
+    def handle_starttag(self, tag, attrs):
+        self._in_script = tag == "script"
+        for name, value in attrs:
+            if name in ("src", "href") and value:
+                self.refs.append(value)
+
+    def handle_data(self, data):
+        if self._in_script:
+            self.scripts.append(data)
+
+    def handle_endtag(self, tag):
+        self._in_script = False
+
+
+def parse(path: Path) -> Links:
+    links = Links()
+    links.feed(path.read_text(encoding="utf-8"))
+    return links
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("report") / "reports"
+    records, paths = make_report(folder)
+    return folder, records, paths
+
+
+def test_csv_keeps_columns_and_appends_new_ones(report):
+    folder, records, _ = report
+    frame = pd.read_csv(folder / "parity.csv")
+    assert list(frame.columns[: len(COLUMNS)]) == COLUMNS
+    assert list(frame.columns[len(COLUMNS):]) == ["hint_try"]
+    assert COLUMNS[:5] == ["case", "preview", "step", "sample_index", "verdict"]
+    assert COLUMNS.index("findings_detail") < COLUMNS.index("top_cause") < COLUMNS.index("stlpips_alex")
+    assert len(frame) == len(records)
+    assert frame.loc[1, "top_cause"] != frame.loc[1, "top_cause"]  # NaN: the old record has none
+    assert json.loads(frame.loc[0, "causes"])["causes"][0]["fields"] == ["cfg_norm"]
+
+
+def test_hint_columns_sorted_before_other_extras():
+    frame = to_frame([{"case": "c", "zeta": 1, "hint_b": "x", "hint_a": "y"}])
+    assert list(frame.columns[len(COLUMNS):]) == ["hint_a", "hint_b", "zeta"]
+
+
+def test_json_holds_records_and_environment(report):
+    folder, records, _ = report
+    data = json.loads((folder / "parity.json").read_text())
+    assert data["environment"] == ENV
+    assert data["records"] == records
+
+
+def test_pages_and_thumbnails_are_files_next_to_the_index(report):
+    folder, records, paths = report
+    assert paths["html"] == folder / "index.html"
+    case_pages = {p for k, p in paths.items() if k.startswith("case:")}
+    assert case_pages == {folder / "cases" / f"{case_slug(c)}.html" for c in {r['case'] for r in records}}
+    assert case_slug("run b/with spaces").startswith("run_b_with_spaces-")
+    for page in [paths["html"], *case_pages]:
+        refs = parse(page).refs
+        assert refs
+        for ref in refs:
+            assert not re.match(r"^[a-z]+:", ref) and not ref.startswith("//"), ref  # no scheme: nothing fetched
+            target = ref.split("#")[0]
+            if target:
+                from urllib.parse import unquote
+
+                assert (page.parent / unquote(target)).is_file(), (page, ref)
+    thumbs = list((folder / "images").rglob("thumbs/*.webp"))
+    assert len(thumbs) == len(records) * 7
+    with Image.open(thumbs[0]) as im:
+        assert im.format == "WEBP" and max(im.size) <= 256
+    index = paths["html"].read_text()
+    assert ".webp" in index and ".png" not in index.split("<tbody>")[1]  # the index shows thumbnails only
+
+
+def test_every_string_is_escaped(report):
+    folder, _, paths = report
+    for page in [paths["html"], *(p for k, p in paths.items() if k.startswith("case:"))]:
+        html = page.read_text()
+        assert XSS not in html
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+        assert len(parse(page).scripts) == 1  # only the report's own script
+
+
+def test_content_security_policy_allows_only_the_reports_script(report):
+    import base64
+    import hashlib
+
+    _, _, paths = report
+    html = paths["html"].read_text()
+    from html import unescape
+
+    csp = unescape(re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', html).group(1))
+    script = parse(paths["html"]).scripts[0]
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert f"script-src 'sha256-{digest}'" in csp and "default-src 'none'" in csp
+
+
+def test_index_shows_counts_environment_and_causes(report):
+    _, records, paths = report
+    html = paths["html"].read_text()
+    for verdict in VERDICTS:
+        n = sum(r["verdict"] == verdict for r in records)
+        assert f'data-verdict="{verdict}"><b>{n}</b>' in html
+    for value in ("NVIDIA H100 80GB HBM3", "bfloat16", "2.14.1", "0.39.0", "5.5.3", "0.18.1", "Qwen/Qwen-Image-Edit-2509"):
+        assert value in html
+    assert '<span class="cause">cfg_norm</span>' in html and "80%" in html
+
+
+def test_case_page_has_recipes_findings_attribution_hints_and_charts(report):
+    folder, _, _ = report
+    html = (folder / "cases" / "run_a.html").read_text()
+    assert html.count('class="differs"') == 3 * html.count('<section class="preview"')
+    assert "what cfg_norm does" in html
+    assert 'class="bar" style="width: 80.0%"' in html and "not tested: the preview&#39;s encoding" in html
+    assert "set cfg_norm: false" in html
+    assert html.count('<svg class="chart"') >= 3
+    assert 'class="cmp-slider"' in html and "with training cfg_norm" in html
+    assert "../images/run_a/" in html
+
+
+def test_records_without_images_or_new_fields_still_render(tmp_path):
+    records = [{"case": "c", "preview": "", "verdict": "error", "reason": "config unreadable: <bad>", "step": None,
+                "sample_index": None}]
+    paths = write_reports(records, tmp_path, {})
+    assert "config unreadable: &lt;bad&gt;" in paths["html"].read_text()
+    assert "No images for this preview." in (tmp_path / "cases" / "c.html").read_text()
+
+
+def test_size_of_a_100_preview_report_at_1024(tmp_path):
+    """Index under 2 MB; what the report adds to the runner's full-size PNGs (pages, thumbnails, CSV, JSON)
+    under 150 MB. Prints every figure, the full-size PNGs included (they are the runner's, lossless, and
+    dominate: about 1.8 MB each for a detailed 1024x1024 image)."""
+    figures = measure(tmp_path / "reports", n=100, side=1024)
+    print("\n" + "\n".join(f"{k}: {v}" for k, v in figures.items()))
+    assert figures["index_bytes"] < 2_000_000
+    assert figures["total_bytes"] - figures["full_size_png_bytes"] < 150_000_000
+    assert figures["thumbnails"] == figures["full_size_pngs"] == 700
