@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     p_explain.add_argument("--model", default=None)
     p_explain.add_argument("--cache-dir", type=Path, default=Path(".parity-cache"))
     p_explain.add_argument("--metric", default="mean_abs", choices=["mean_abs", "max_abs", "ssim", "psnr"])
-    p_explain.add_argument("--floor", type=float, default=0.0, help="noise floor of the metric")
+    p_explain.add_argument("--floor", type=float, default=0.0,
+                           help="noise floor of the metric (default: measured, math vs fused attention kernel)")
+    p_explain.add_argument("--no-measured-floor", action="store_true", help="do not measure the noise floor")
     p_explain.add_argument("--reverse", action="store_true",
                            help="also render the training recipe with each reference value (what to change at "
                                 "inference to get the preview back)")
@@ -80,7 +82,8 @@ def explain(args) -> int:
     set_threads()
     options = Options(cases=tuple(args.paths), report_dir=args.report_dir, device=args.device or default_device(),
                       dtype=args.dtype, model=args.model, cache_dir=args.cache_dir, explain="all",
-                      metric=args.metric, floor=args.floor, reverse=args.reverse)
+                      metric=args.metric, floor=args.floor, reverse=args.reverse,
+                      noise_floor=not args.no_measured_floor)
     tasks = [t for t in plan(options) if args.preview is None or (t.preview and t.preview.name == args.preview)]
     if not tasks:
         print(f"no preview named {args.preview!r} under {', '.join(map(str, args.paths))}", file=sys.stderr)
@@ -92,7 +95,9 @@ def explain(args) -> int:
             continue
         data = json.loads(r["causes"])
         print(f"  {data['metric']}: reference {data['reference_distance']:.4f}, training "
-              f"{data['training_distance']:.4f}, gap {data['gap']:.4f}")
+              f"{data['training_distance']:.4f}, gap {data['gap']:.4f}, noise floor {data['floor']:.4f}")
+        if data["gap"] is not None and data["gap"] <= data["floor"]:
+            print("  the gap is within the noise floor: no recipe difference can be blamed for it")
         for c in data["causes"]:
             name = "+".join(c["fields"])
             if not c["testable"]:

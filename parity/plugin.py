@@ -47,6 +47,8 @@ def pytest_addoption(parser):
     group.addoption("--parity-deterministic", action="store_true", default=None,
                     help="deterministic algorithms, cuBLAS workspace config, TF32 off (recorded in the report)")
     parser.addini("parity_deterministic", "deterministic algorithms (true/false)", type="bool", default=False)
+    group.addoption("--parity-noise-floor", action="store_true", default=False,
+                    help="measure each explained preview's noise floor (one more render, math attention kernel)")
     for name, (help_text, default) in OPTIONS.items():
         flag = "--parity-" + name.replace("_", "-")
         if name == "cases":
@@ -88,6 +90,7 @@ def options_from(config) -> Options:
         update_goldens=config.getoption("parity_update_goldens"),
         deterministic=bool(config.getoption("parity_deterministic") or config.getini("parity_deterministic")),
         shard=parse_shard(option(config, "shard")),
+        noise_floor=config.getoption("parity_noise_floor"),
         metrics=tuple(str(option(config, "metrics")).split()),
         lpips_weights=option(config, "lpips_weights") or None,
     )

@@ -125,9 +125,23 @@ def check_renderable(loaded: LoadedModel, recipe: Recipe) -> None:
         raise ValueError(f"recipe dtype {recipe.dtype} rendered on a {loaded.dtype} pipeline")
 
 
+def render(loaded: LoadedModel, recipe: Recipe, capture: RenderCapture | None = None, *,
+           math_attention: bool = False) -> Image.Image:
+    """Render one recipe on `loaded` (which must hold the recipe's dtype).
+
+    `math_attention` runs attention through PyTorch's reference (math) SDPA kernel instead of the fused one:
+    the same recipe through other kernels, which is how the noise floor is measured.
+    """
+    if not math_attention:
+        return _render(loaded, recipe, capture)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        return _render(loaded, recipe, capture)
+
+
 @torch.no_grad()
-def render(loaded: LoadedModel, recipe: Recipe, capture: RenderCapture | None = None) -> Image.Image:
-    """Render one recipe on `loaded` (which must hold the recipe's dtype)."""
+def _render(loaded: LoadedModel, recipe: Recipe, capture: RenderCapture | None = None) -> Image.Image:
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift, retrieve_timesteps
 
     check_renderable(loaded, recipe)

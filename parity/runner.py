@@ -51,6 +51,7 @@ class Options:
     explain: str = "failed"  # attribution for: failed | all | none
     metric: str = "mean_abs"  # the distance attribution ranks causes by
     reverse: bool = False  # attribution also renders the training recipe with each reference value
+    noise_floor: bool = False  # measure the floor: the training recipe again through other attention kernels
     accept: tuple[str, ...] = ()  # recipe fields whose differences are accepted (with each case's `accept:`)
     floor: float = 0.0  # noise floor of `metric` for "explained" and attribution
     goldens: Path | None = None  # regression mode: stored known-good reference renders
@@ -345,12 +346,31 @@ class Checker:
         return switched <= training + self.options.floor, f"{metric} {switched:.4g} with them at the training " \
                                                            f"value vs {training:.4g} for the training recipe"
 
+    def noise_floor(self, task: Task, preview: Image.Image, row: dict) -> float:
+        """The same training recipe through PyTorch's math attention kernel instead of the fused one: how far
+        kernel-level rounding alone moves this image (the floor verdicts and attribution are measured against)."""
+        from . import pipeline, render
+        from .attribution import distance
+
+        loaded = pipeline.load(task.model, self.options.device, task.training.dtype)
+        again = render.render(loaded, task.training, math_attention=True)
+        self.renders += 1
+        fmt = task.training.output_format
+        same = cmp.encode_like(self.render(task.training, task.model)[0], fmt)  # in the comparison's encoding
+        floor = {m: distance(same, again, fmt, m) for m in ("mean_abs", "max_abs", "ssim", "psnr")}
+        row.update({"floor_mean_abs": floor["mean_abs"], "floor_max_abs": floor["max_abs"],
+                    "floor_how": "training recipe, math vs fused attention kernel (same device and dtype)"})
+        return floor[self.options.metric]
+
     def explain(self, task: Task, preview: Image.Image, row: dict):
         """Counterfactual renders: which finding explains the gap (attribution), saved and recorded."""
         from .attribution import attribute
 
+        floor = self.options.floor
+        if self.options.noise_floor:
+            floor = max(floor, self.noise_floor(task, preview, row))
         result = attribute(lambda recipe: self.render(recipe, task.model)[0], preview, task.training,
-                           task.reference, metric=self.options.metric, floor=self.options.floor,
+                           task.reference, metric=self.options.metric, floor=floor,
                            reverse=self.options.reverse)
         row.update(result.as_columns())
         folder = self.image_paths(task)["preview"].parent

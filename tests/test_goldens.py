@@ -40,6 +40,7 @@ def test_golden_lifecycle(pytester, small_root, tmp_path, render_cache):
     result.assert_outcomes(passed=2)
     assert set(pd.read_csv(tmp_path / "r3" / "parity.csv")["golden_verdict"]) == {"identical"}
     # changed render -> fail with the drift, the obtained image left next to the golden
+    original = stored[0].read_bytes()
     img = Image.open(stored[0]).convert("RGB")
     img.putpixel((5, 5), tuple(255 - v for v in img.getpixel((5, 5))))
     img.save(stored[0])
@@ -50,6 +51,7 @@ def test_golden_lifecycle(pytester, small_root, tmp_path, render_cache):
     # another fingerprint -> labelled cross-environment, judged against the floor
     for p in goldens.rglob("*.obtained.png"):
         p.unlink()
+    stored[0].write_bytes(original)
     folder = stored[0].relative_to(goldens).parts[0]
     (goldens / folder).rename(goldens / "NVIDIA_H100_80GB_HBM3-bfloat16-0123456789")
     result = run_suite(pytester, small_root, tmp_path / "r5", render_cache, *args)
