@@ -8,7 +8,7 @@ correction, K1 0.01, K2 0.03 and an explicit data range of 255. Colour: SSIM is 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -27,6 +27,7 @@ class Comparison:
     max_abs: int | None
     size_a: tuple[int, int]
     size_b: tuple[int, int]
+    ssim_full: np.ndarray | None = field(default=None, repr=False, compare=False)  # the SSIM map, for reuse
 
     @property
     def same_size(self) -> bool:
@@ -54,8 +55,8 @@ def compare(a: Image.Image, b: Image.Image) -> Comparison:
     diff = np.abs(x - y)
     mse = float(np.mean(diff ** 2))
     psnr = float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
-    score, _ = ssim_map(x, y)
-    return Comparison(score, psnr, float(diff.mean()), int(diff.max()), a.size, b.size)
+    score, full = ssim_map(x, y)
+    return Comparison(score, psnr, float(diff.mean()), int(diff.max()), a.size, b.size, full)
 
 
 def encode_like(image: Image.Image, fmt: str) -> Image.Image:
@@ -78,7 +79,8 @@ def diff_heatmap(a: Image.Image, b: Image.Image, scale: float | None = None) -> 
     return Image.fromarray((rgb * 255).round().astype(np.uint8))
 
 
-def ssim_heatmap(a: Image.Image, b: Image.Image) -> Image.Image:
-    """The SSIM map: white where structure agrees, dark where it does not."""
-    _, full = ssim_map(as_array(a), as_array(b))
+def ssim_heatmap(a: Image.Image, b: Image.Image, full: np.ndarray | None = None) -> Image.Image:
+    """The SSIM map: white where structure agrees, dark where it does not (`full`: a map already computed)."""
+    if full is None:
+        _, full = ssim_map(as_array(a), as_array(b))
     return Image.fromarray((np.clip(full, 0, 1) * 255).round().astype(np.uint8), mode="L")

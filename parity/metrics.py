@@ -309,7 +309,8 @@ def heat(values: np.ndarray, size: tuple[int, int], top: float | None = None) ->
 
 def maps(a: Image.Image, b: Image.Image, measurement: Measurement | None = None) -> dict[str, Image.Image]:
     """Spatial maps for the report: `diff`, `ssim` (compare.py's), and one per available perceptual distance."""
-    out = {"diff": cmp.diff_heatmap(a, b), "ssim": cmp.ssim_heatmap(a, b)} if a.size == b.size else {}
+    full = measurement.comparison.ssim_full if measurement else None
+    out = {"diff": cmp.diff_heatmap(a, b), "ssim": cmp.ssim_heatmap(a, b, full)} if a.size == b.size else {}
     for name, d in (measurement.distances.items() if measurement else ()):
         if d.map is not None:
             out[name] = heat(d.map, a.size)

@@ -89,3 +89,27 @@ def test_xdist_and_shards_give_the_serial_rows(pytester, small_root, tmp_path, r
     pd.testing.assert_frame_equal(serial, STABLE(pd.read_csv(tmp_path / "xdist" / "parity.csv")))
     pd.testing.assert_frame_equal(serial, STABLE(pd.read_csv(merged / "parity.csv")))
     assert (merged / "index.html").is_file() and (merged / "images").is_dir()
+
+
+def test_deterministic_switch_is_applied_and_recorded(monkeypatch):
+    import torch
+
+    from parity.runner import Checker, Options
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        checker = Checker(Options(deterministic=True, metrics=()))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert checker.env["deterministic"] == "true"
+        import os
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def test_shard_option_is_validated(pytester, small_root, tmp_path, render_cache):
+    result = run_suite(pytester, small_root, tmp_path / "r", render_cache, "--parity-shard", "3/2")
+    assert result.ret != 0
+    result.stderr.fnmatch_lines(["*--parity-shard 3/2: I must be between 1 and N*"])
