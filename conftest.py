@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,28 @@ def tiny_model() -> str:
 def render_cache() -> Path:
     """The same render cache `pytest parity/` fills, so tests reuse renders the main job already made."""
     return ROOT / ".parity-cache"
+
+
+SUITE = ROOT / "parity" / "test_parity.py"  # what `pytest parity/` collects
+
+
+@pytest.fixture
+def small_root(tmp_path) -> Path:
+    """parity_a with two of its previews (PNG, non-square control images), model and paths mapped."""
+    root = tmp_path / "cases"
+    shutil.copytree(CASES / "workspace" / "aitk-a", root / "aitk-a")
+    case = root / "aitk-a" / "output" / PARITY_A.name
+    for p in (case / "samples").glob("*.png"):
+        if not p.name.endswith(("__000000003_0.png", "__000000006_1.png")):
+            p.unlink()
+    shutil.rmtree(case / "samples" / ".thumbs")
+    settings = (case / "parity.yaml").read_text().replace(
+        "../../../aitk/tiny-qwen-image-edit-2509", str((CASES / "workspace/aitk/tiny-qwen-image-edit-2509").resolve()))
+    (case / "parity.yaml").write_text(settings)
+    return root
+
+
+def run_suite(pytester, root: Path, report: Path, cache: Path, *extra: str):
+    return pytester.runpytest_subprocess(str(SUITE), "--parity-cases", str(root), "--parity-report-dir", str(report),
+                                         "--parity-cache-dir", str(cache), "--parity-device", "cpu",
+                                         "-p", "no:cacheprovider", "-v", *extra)

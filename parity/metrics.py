@@ -175,7 +175,7 @@ class LPIPS(PerceptualDistance):
         try:
             import lpips
         except ImportError:
-            raise MetricUnavailable("the lpips package is not installed: pip install 'preview-parity[lpips]'")
+            raise MetricUnavailable("the lpips package is not installed: pip install lpips==0.1.4")
         path = alexnet_checkpoint(self.weights)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torchvision's deprecation notes for `pretrained=`

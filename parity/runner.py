@@ -276,7 +276,6 @@ class Checker:
         images = self.image_paths(task)
         save_png(preview, images["preview"])
         save_png(reference, images["reference"])
-        fmt = task.training.output_format
         jpeg = metrics.preview_jpeg(task.preview)  # quality and subsampling read from the preview file
         result = metrics.compare_preview(preview, reference, self.metric_set, jpeg=jpeg)
         parity, parity_raw = result.judged.comparison, result.raw.comparison

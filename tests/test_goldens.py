@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
-import pytest
 from PIL import Image
 
-from test_plugin import SUITE, run_suite, small_root  # noqa: F401  (fixture)
+from conftest import run_suite
 
 pytest_plugins = ["pytester"]
 STABLE = lambda frame: frame.drop(columns=["render_seconds"]).sort_values("id").reset_index(drop=True)  # noqa: E731
