@@ -249,11 +249,16 @@ def step_chart(rows: list[dict], key: str, higher_better: bool, width: int = 300
                "vclass": row["vclass"], "verdict": row["verdict"]} for s, v, row in pts]
     first, last = values[0], values[-1]
     worse = (last < first) if higher_better else (last > first)
+    digits = 3  # enough decimals that the two axis labels differ (SSIM near 1 moves in the 4th-5th place)
+    while digits < 6 and f"{v0 + pad:.{digits}f}" == f"{v1 - pad:.{digits}f}":
+        digits += 1
+    change = f" ({last - first:+.{digits}f})" if len(pts) > 1 else ""
     return {"width": width, "height": height, "points": points,
             "path": " ".join(f"{'M' if i == 0 else 'L'}{p['x']},{p['y']}" for i, p in enumerate(points)),
             "ymin": v0 + pad, "ymax": v1 - pad, "y_top": round(sy(v1 - pad), 1), "y_bottom": round(sy(v0 + pad), 1),
             "x_left": left, "x_right": width - right, "baseline": height - bottom,
-            "smin": int(s0), "smax": int(s1), "trend": ("worse" if worse else "better or same") if len(pts) > 1 else ""}
+            "smin": int(s0), "smax": int(s1), "digits": digits,
+            "trend": (("worse" if worse else "better or same") + change) if len(pts) > 1 else ""}
 
 
 # ---- pages ----------------------------------------------------------------------------------------------
