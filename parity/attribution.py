@@ -79,9 +79,14 @@ class Attribution:
                                       "training_distance": finite(self.training_distance), "causes": causes})}
 
 
-def distance(preview: Image.Image, image: Image.Image, fmt: str, metric: str) -> float:
-    """How far a render is from the preview, encoded as the preview was (lower is closer)."""
-    c = cmp.compare(preview, cmp.encode_like(image, fmt) if fmt != "png" else image)
+def encoder(fmt: str):
+    """Save-and-reload as a preview of `fmt` was saved (identity for lossless previews)."""
+    return (lambda image: image) if fmt == "png" else (lambda image: cmp.encode_like(image, fmt))
+
+
+def distance(preview: Image.Image, image: Image.Image, encode, metric: str) -> float:
+    """How far a render is from the preview, encoded as the preview was (`encode`; lower is closer)."""
+    c = cmp.compare(preview, encode(image))
     if not c.same_size:
         return float("inf")
     return {"mean_abs": c.mean_abs, "max_abs": float(c.max_abs), "ssim": 1.0 - c.ssim,
@@ -100,10 +105,11 @@ def cause_groups(fields: tuple[str, ...]) -> list[tuple[str, ...]]:
 
 
 def attribute(render, preview: Image.Image, training: Recipe, reference: Recipe, *, metric: str = "mean_abs",
-              floor: float = 0.0, reverse: bool = False) -> Attribution:
-    """`render(recipe) -> Image` (cached by the caller); returns the ranking of causes."""
-    fmt = training.output_format
-    dist = lambda recipe: distance(preview, render(recipe), fmt, metric)  # noqa: E731
+              floor: float = 0.0, reverse: bool = False, encode=None) -> Attribution:
+    """`render(recipe) -> Image` (cached by the caller); `encode`: how the preview file was saved (default: as
+    the training recipe's output format says). Returns the ranking of causes."""
+    encode = encode or encoder(training.output_format)
+    dist = lambda recipe: distance(preview, render(recipe), encode, metric)  # noqa: E731
     result = Attribution(metric, dist(reference), dist(training), floor=floor)
     for group in cause_groups(differing_fields(training, reference)):
         cause = Cause(group)

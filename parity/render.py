@@ -96,12 +96,13 @@ def text_encoder_buffers(text_encoder, dtype_name: str):
 
 
 def control_latents(loaded: LoadedModel, path: str, image: Image.Image, size: tuple[int, int], tiling: bool,
-                    generator) -> torch.Tensor:
+                    generator, kernels: str) -> torch.Tensor:
     """A control image's VAE latents (Lanczos to ~1024x1024, encoded with the mode, normalised), computed
-    once per file, size and tiling: the two sides and every counterfactual share them. No RNG is used."""
+    once per file, size, tiling and kernel choice (the VAE has an attention block): the two sides and every
+    counterfactual share them. No RNG is used."""
     from .recipe import file_digest
 
-    key = (file_digest(path), size, tiling)
+    key = (file_digest(path), size, tiling, kernels)
     if key not in loaded.latent_cache:
         w, h = size
         pixels = loaded.pipe.image_processor.preprocess(image, h, w).unsqueeze(2)
@@ -133,15 +134,15 @@ def render(loaded: LoadedModel, recipe: Recipe, capture: RenderCapture | None = 
     the same recipe through other kernels, which is how the noise floor is measured.
     """
     if not math_attention:
-        return _render(loaded, recipe, capture)
+        return _render(loaded, recipe, capture, kernels="default")
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel([SDPBackend.MATH]):
-        return _render(loaded, recipe, capture)
+        return _render(loaded, recipe, capture, kernels="math-attention")
 
 
 @torch.no_grad()
-def _render(loaded: LoadedModel, recipe: Recipe, capture: RenderCapture | None = None) -> Image.Image:
+def _render(loaded: LoadedModel, recipe: Recipe, capture: RenderCapture | None, kernels: str) -> Image.Image:
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift, retrieve_timesteps
 
     check_renderable(loaded, recipe)
@@ -168,7 +169,7 @@ def _render(loaded: LoadedModel, recipe: Recipe, capture: RenderCapture | None =
         height = recipe.height // multiple * multiple
         vae_sizes = [vae_size(*img.size) for img in vae_pil]
         generator = torch.Generator(recipe.generator_device).manual_seed(recipe.seed)
-        encoded = [control_latents(loaded, path, img, size, recipe.vae_tiling, generator)
+        encoded = [control_latents(loaded, path, img, size, recipe.vae_tiling, generator, kernels)
                    for path, img, size in zip(recipe.control_images_vae, vae_pil, vae_sizes)]
         channels = pipe.transformer.config.in_channels // 4
         # Already-encoded latents pass through prepare_latents untouched (it skips the VAE for them).

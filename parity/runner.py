@@ -329,6 +329,12 @@ class Checker:
             row.update(verdict="mismatch", reason="; ".join(failed))
         return row
 
+    @staticmethod
+    def preview_encoder(task: Task):
+        """Save-and-reload as the preview file was saved (JPEG quality and subsampling read from the file)."""
+        jpeg = metrics.preview_jpeg(task.preview)
+        return (lambda image: metrics.encode_jpeg(image, jpeg)) if jpeg else (lambda image: image)
+
     def accepted(self, task: Task) -> tuple[str, ...]:
         findings = set(differing_fields(task.training, task.reference))
         return tuple(f for f in FIELD_NAMES if f in findings and f in set(self.options.accept) | set(task.accept))
@@ -338,10 +344,10 @@ class Checker:
         render's distance (plus the noise floor): the gap is explained by differences the user accepted."""
         from .attribution import distance
 
-        fmt, metric = task.training.output_format, self.options.metric
+        encode, metric = self.preview_encoder(task), self.options.metric
         switched = distance(preview, self.render(switch(task.reference, task.training, fields), task.model)[0],
-                            fmt, metric)
-        training = distance(preview, self.render(task.training, task.model)[0], fmt, metric)
+                            encode, metric)
+        training = distance(preview, self.render(task.training, task.model)[0], encode, metric)
         return switched <= training + self.options.floor, f"{metric} {switched:.4g} with them at the training " \
                                                            f"value vs {training:.4g} for the training recipe"
 
@@ -354,9 +360,9 @@ class Checker:
         loaded = pipeline.load(task.model, self.options.device, task.training.dtype)
         again = render.render(loaded, task.training, math_attention=True)
         self.renders += 1
-        fmt = task.training.output_format
-        same = cmp.encode_like(self.render(task.training, task.model)[0], fmt)  # in the comparison's encoding
-        floor = {m: distance(same, again, fmt, m) for m in ("mean_abs", "max_abs", "ssim", "psnr")}
+        encode = self.preview_encoder(task)
+        same = encode(self.render(task.training, task.model)[0])  # in the comparison's encoding
+        floor = {m: distance(same, again, encode, m) for m in ("mean_abs", "max_abs", "ssim", "psnr")}
         row.update({"floor_mean_abs": floor["mean_abs"], "floor_max_abs": floor["max_abs"],
                     "floor_how": "training recipe, math vs fused attention kernel (same device and dtype)"})
         return floor[self.options.metric]
@@ -370,7 +376,7 @@ class Checker:
             floor = max(floor, self.noise_floor(task, preview, row))
         result = attribute(lambda recipe: self.render(recipe, task.model)[0], preview, task.training,
                            task.reference, metric=self.options.metric, floor=floor,
-                           reverse=self.options.reverse)
+                           reverse=self.options.reverse, encode=self.preview_encoder(task))
         row.update(result.as_columns())
         folder = self.image_paths(task)["preview"].parent
         for cause in result.causes:
