@@ -427,7 +427,7 @@ def compare_preview(preview: Image.Image, render: Image.Image, metrics: Sequence
 
 
 def mse(a: Image.Image, b: Image.Image) -> float:
-    return float(np.mean((cmp.as_array(a) - cmp.as_array(b)) ** 2))
+    return float(np.mean(np.square(cmp.as_array(a) - cmp.as_array(b), dtype=np.float64)))
 
 
 # Noise floor --------------------------------------------------------------------------------------------------

@@ -324,7 +324,8 @@ class Checker:
                        reason=f"the training recipe does not reproduce the preview either (max abs "
                               f"{row['fidelity_max_abs']}, mean abs {row['fidelity_mean_abs']:.2f} levels): an "
                               f"input is missing or different "
-                              f"(checkpoint, LoRA step, control image); " + "; ".join(failed))
+                              f"(checkpoint, LoRA step, control image, or the config edited after "
+                              f"training); " + "; ".join(failed))
         else:
             row.update(verdict="mismatch", reason="; ".join(failed))
         return row

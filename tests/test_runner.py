@@ -67,3 +67,26 @@ def test_bad_inputs_fail_only_their_previews(broken_root, tmp_path, tiny_model, 
     assert len(csv) == len(preview_files) == 5
     html = (tmp_path / "reports" / "index.html").read_text()
     assert "is not valid YAML" in html and (tmp_path / "reports" / "images" / v1).is_dir()
+
+
+def test_a_missing_input_is_not_blamed_on_inference(tmp_path, render_cache):
+    """The config on disk is not the one the preview was made with (its seed was edited after training): the
+    training recipe cannot reproduce the preview either, so the verdict says so instead of blaming inference."""
+    from conftest import PARITY_A
+
+    root = tmp_path / "cases"
+    shutil.copytree(CASES / "workspace" / "aitk-a", root / "aitk-a")
+    case = root / "aitk-a" / "output" / PARITY_A.name
+    for p in (case / "samples").glob("*.png"):
+        if not p.name.endswith("__000000003_0.png"):
+            p.unlink()
+    settings = case / "parity.yaml"
+    settings.write_text(settings.read_text().replace(
+        "../../../aitk/tiny-qwen-image-edit-2509", str((CASES / "workspace/aitk/tiny-qwen-image-edit-2509").resolve())))
+    config = case / "config.yaml"
+    config.write_text(config.read_text().replace("      seed: 7\n", "      seed: 8\n"))
+    [record] = run(Options(cases=(root,), report_dir=tmp_path / "rep", device="cpu", cache_dir=render_cache,
+                           metrics=()))
+    assert record["verdict"] == "cannot reproduce preview"
+    assert record["fidelity_verdict"] == "cannot reproduce preview" and record["fidelity_mean_abs"] > 1.0
+    assert "an input is missing or different" in record["reason"] and "config" in record["reason"]
