@@ -5,7 +5,6 @@ Everything here is plain data: no torch, no files other than the YAML itself.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -294,11 +293,3 @@ def _with_raw_prompt(item: SampleItem, raw: Any) -> SampleItem:
 
 def snap(value: int, multiple: int) -> int:
     return int(value) // multiple * multiple
-
-
-def area_size(width: int, height: int, area: int, multiple: int = 32) -> tuple[int, int]:
-    """(w, h) with about `area` pixels and the aspect ratio of width/height, rounded to `multiple`."""
-    ratio = width / height
-    w = math.sqrt(area * ratio)
-    h = w / ratio
-    return round(w / multiple) * multiple, round(h / multiple) * multiple

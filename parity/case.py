@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from .aitk_config import TrainingJob, load_job, read_yaml, trainer_process
 from .errors import CaseError
@@ -202,7 +201,3 @@ def discover(roots: list[Path]) -> list[Case | BrokenCase]:
             except CaseError as err:
                 found[folder] = BrokenCase(folder, err)
     return [found[k] for k in sorted(found)]
-
-
-def settings_value(doc: dict[str, Any], key: str, default: Any) -> Any:
-    return doc.get(key, default)

@@ -16,7 +16,6 @@ from skimage.metrics import structural_similarity
 
 SSIM_SETTINGS = dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255.0,
                      K1=0.01, K2=0.03)
-METRICS_VERSION = "ssim-wang2004-skimage/psnr/absdiff v1"
 
 
 @dataclass(frozen=True)

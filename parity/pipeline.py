@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -181,10 +180,6 @@ def merged_lora(transformer, state, multiplier: float):
         with torch.no_grad():
             for name, w in saved.items():
                 modules[name].weight.copy_(w)
-
-
-def scheduler_config(loaded: LoadedModel) -> dict:
-    return json.loads(json.dumps(dict(loaded.pipe.scheduler.config)))
 
 
 _MODELS: dict[tuple[str, str, str], LoadedModel] = {}

@@ -180,8 +180,7 @@ class ParityPlugin:
         env = self._checker.env if self._checker else environment_of(self.options)
         from .merge import record_order
 
-        paths = write_reports(sorted(self.records, key=record_order), self.options.report_dir, env)
-        self.report_paths = paths
+        write_reports(sorted(self.records, key=record_order), self.options.report_dir, env)
 
     def pytest_terminal_summary(self, terminalreporter):
         if self.records:

@@ -11,7 +11,7 @@ import functools
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .aitk_config import SampleItem, TrainingJob, snap
@@ -248,7 +248,3 @@ def reference_recipe(job: TrainingJob, item: SampleItem, lora: str | None, resol
         dtype=dtype,
         output_format="png",
     )
-
-
-def recipe_fields() -> tuple[str, ...]:
-    return tuple(f.name for f in fields(Recipe))

@@ -5,6 +5,7 @@ case -> recipes -> render -> compare -> findings -> record. The pytest plugin an
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -181,6 +182,17 @@ def plan(options: Options) -> list[Task]:
     return tasks
 
 
+def preview_jpeg(path: Path):
+    """How a preview file was JPEG-encoded (None for lossless), read once per file version."""
+    st = os.stat(path)
+    return _preview_jpeg(str(path), st.st_size, st.st_mtime)
+
+
+@functools.lru_cache(maxsize=256)
+def _preview_jpeg(path: str, size: int, mtime: float):
+    return metrics.preview_jpeg(path)
+
+
 def open_preview(path: Path) -> Image.Image:
     try:
         with Image.open(path) as im:
@@ -276,7 +288,7 @@ class Checker:
         images = self.image_paths(task)
         save_png(preview, images["preview"])
         save_png(reference, images["reference"])
-        jpeg = metrics.preview_jpeg(task.preview)  # quality and subsampling read from the preview file
+        jpeg = preview_jpeg(task.preview)  # quality and subsampling read from the preview file
         result = metrics.compare_preview(preview, reference, self.metric_set, jpeg=jpeg)
         parity, parity_raw = result.judged.comparison, result.raw.comparison
         row.update(parity.as_row())
@@ -333,7 +345,7 @@ class Checker:
     @staticmethod
     def preview_encoder(task: Task):
         """Save-and-reload as the preview file was saved (JPEG quality and subsampling read from the file)."""
-        jpeg = metrics.preview_jpeg(task.preview)
+        jpeg = preview_jpeg(task.preview)
         return (lambda image: metrics.encode_jpeg(image, jpeg)) if jpeg else (lambda image: image)
 
     def accepted(self, task: Task) -> tuple[str, ...]:
