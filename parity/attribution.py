@@ -86,11 +86,12 @@ def encoder(fmt: str):
 
 def distance(preview: Image.Image, image: Image.Image, encode, metric: str) -> float:
     """How far a render is from the preview, encoded as the preview was (`encode`; lower is closer)."""
-    c = cmp.compare(preview, encode(image))
+    c = cmp.compare(preview, encode(image), ssim=metric == "ssim")
     if not c.same_size:
         return float("inf")
-    return {"mean_abs": c.mean_abs, "max_abs": float(c.max_abs), "ssim": 1.0 - c.ssim,
-            "psnr": -c.psnr}[metric]
+    if metric == "ssim":
+        return 1.0 - c.ssim
+    return {"mean_abs": c.mean_abs, "max_abs": float(c.max_abs), "psnr": -c.psnr}[metric]
 
 
 def cause_groups(fields: tuple[str, ...]) -> list[tuple[str, ...]]:

@@ -73,8 +73,9 @@ class PerceptualDistance:
 
     name: str = ""
 
-    def __init__(self, size: int | None):
+    def __init__(self, size: int | None, device: str = "cpu"):
         self.size = size
+        self.device = device or "cpu"  # where the network runs (the render device: a GPU makes it ~free)
         self._model: torch.nn.Module | None = None
         self._reason: str | None = None
         self.source: str | None = None  # where the weights came from
@@ -90,7 +91,7 @@ class PerceptualDistance:
     def model(self) -> torch.nn.Module:
         if self._model is None and self._reason is None:
             try:
-                self._model = self.load()
+                self._model = self.load().to(self.device)
             except MetricUnavailable as exc:
                 self._reason = str(exc)
         if self._model is None:
@@ -120,7 +121,7 @@ class PerceptualDistance:
             return Distance(self.id, None, None, str(exc))
         if a.size != b.size:
             return Distance(self.id, None, None, f"size mismatch: {a.size} vs {b.size}")
-        x, y = to_tensor(resized(a, self.size)), to_tensor(resized(b, self.size))
+        x, y = (to_tensor(resized(im, self.size)).to(self.device) for im in (a, b))
         layers: list[torch.Tensor] = []
         hooks = [lin.register_forward_hook(lambda m, i, o: layers.append(o)) for lin in model.lins]
         try:
@@ -131,7 +132,7 @@ class PerceptualDistance:
                 h.remove()
         # the maps `spatial=True` would return: each layer's map upsampled to the input size, summed
         spatial = sum(self.upsample(t, tuple(x.shape[2:])) for t in layers)
-        return Distance(self.id, value, spatial[0, 0].numpy().astype(np.float64))
+        return Distance(self.id, value, spatial[0, 0].cpu().numpy().astype(np.float64))
 
 
 def alexnet_checkpoint(weights: str | Path | None) -> Path:
@@ -154,10 +155,10 @@ class LPIPS(PerceptualDistance):
     """LPIPS (Zhang et al. 2018) from the `lpips` package; `net='alex'`, `version='0.1'`."""
 
     def __init__(self, net: str = "alex", version: str = "0.1", size: int | None = 256,
-                 weights: str | Path | None = None):
+                 weights: str | Path | None = None, device: str = "cpu"):
         if net != "alex":
             raise ValueError(f"LPIPS net {net!r}: only 'alex' is supported (its trunk is read from a file)")
-        super().__init__(size)
+        super().__init__(size, device)
         self.net, self.version, self.weights = net, version, weights
         self.name = f"lpips_{net}"
 
@@ -226,10 +227,11 @@ def undeclared_imports(*modules: tuple[str, str]):
 class STLPIPS(PerceptualDistance):
     """Shift-tolerant LPIPS (`stlpips-pytorch`), AlexNet `shift_tolerant` variant, weights version ST0.0."""
 
-    def __init__(self, net: str = "alex", variant: str = "shift_tolerant", size: int | None = 256):
+    def __init__(self, net: str = "alex", variant: str = "shift_tolerant", size: int | None = 256,
+                 device: str = "cpu"):
         if (net, variant) != ("alex", "shift_tolerant"):
             raise ValueError("STLPIPS: only net='alex', variant='shift_tolerant' is supported")
-        super().__init__(size)
+        super().__init__(size, device)
         self.net, self.variant = net, variant
         self.name = f"stlpips_{net}"
 
@@ -264,8 +266,10 @@ class STLPIPS(PerceptualDistance):
 
 # The registry: config names -> factories; every factory takes the same keyword options.
 REGISTRY: dict[str, Callable[..., PerceptualDistance]] = {
-    "lpips_alex": lambda size=256, lpips_weights=None: LPIPS("alex", "0.1", size=size, weights=lpips_weights),
-    "stlpips_alex": lambda size=256, lpips_weights=None: STLPIPS("alex", "shift_tolerant", size=size),
+    "lpips_alex": lambda size=256, lpips_weights=None, device="cpu": LPIPS("alex", "0.1", size=size,
+                                                                          weights=lpips_weights, device=device),
+    "stlpips_alex": lambda size=256, lpips_weights=None, device="cpu": STLPIPS("alex", "shift_tolerant", size=size,
+                                                                              device=device),
 }
 DEFAULT_METRICS = ("lpips_alex", "stlpips_alex")
 
@@ -296,8 +300,10 @@ class Measurement:
 
 
 def measure(a: Image.Image, b: Image.Image, metrics: Sequence[PerceptualDistance],
-            with_hints: bool = True) -> Measurement:
-    return Measurement(cmp.compare(a, b), {m.name: m(a, b) for m in metrics}, hints(a, b) if with_hints else None)
+            with_hints: bool = True, device: str | None = None) -> Measurement:
+    """`device`: where SSIM runs (the perceptual distances run where they were built)."""
+    return Measurement(cmp.compare(a, b, device=device), {m.name: m(a, b) for m in metrics},
+                       hints(a, b) if with_hints else None)
 
 
 def heat(values: np.ndarray, size: tuple[int, int], top: float | None = None) -> Image.Image:
@@ -412,22 +418,19 @@ def preview_jpeg(path: str | Path) -> JpegSettings | None:
 
 
 def compare_preview(preview: Image.Image, render: Image.Image, metrics: Sequence[PerceptualDistance],
-                    jpeg: JpegSettings | None = None) -> PreviewComparison:
+                    jpeg: JpegSettings | None = None, device: str | None = None) -> PreviewComparison:
     """`preview` against the regeneration `render`; `jpeg`: how the preview was encoded (`preview_jpeg`), or
     None for a lossless preview. A preview opened from a JPEG file and not converted is detected by itself."""
     if jpeg is None and preview.format == "JPEG":
         jpeg = jpeg_settings(preview)
-    raw = measure(preview, render, metrics)
+    raw = measure(preview, render, metrics, device=device)
     if jpeg is None or preview.size != render.size:
         return PreviewComparison(raw, None, jpeg, None)
     encoded = encode_jpeg(render, jpeg)
-    mse_raw, mse_jpeg = mse(preview, render), mse(preview, encoded)
+    judged = measure(preview, encoded, metrics, with_hints=False, device=device)
+    mse_raw, mse_jpeg = raw.comparison.mse, judged.comparison.mse
     explained = None if mse_raw == 0 else 1.0 - mse_jpeg / mse_raw
-    return PreviewComparison(raw, measure(preview, encoded, metrics, with_hints=False), jpeg, explained)
-
-
-def mse(a: Image.Image, b: Image.Image) -> float:
-    return float(np.mean(np.square(cmp.as_array(a) - cmp.as_array(b), dtype=np.float64)))
+    return PreviewComparison(raw, judged, jpeg, explained)
 
 
 # Noise floor --------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from parity.compare import compare, diff_heatmap, encode_like, ssim_heatmap
+from parity.compare import (as_array, compare, compare_torch, diff_heatmap, encode_like, ssim_heatmap, ssim_map,
+                            ssim_map_torch)
 
 
 def wang_ssim(a: np.ndarray, b: np.ndarray, sigma: float = 1.5, L: float = 255.0) -> float:
@@ -52,6 +53,28 @@ def test_ssim_equals_independent_wang_implementation(astronaut, sigma):
     ours = compare(astronaut, other).ssim
     ref = wang_ssim(np.asarray(astronaut), np.asarray(other))
     assert abs(ours - ref) < 1e-6
+
+
+@pytest.mark.parametrize("sigma", [2, 40])
+def test_torch_ssim_for_gpus_equals_scikit_image_and_wang(astronaut, sigma):
+    """The GPU path (`device` not cpu) is the same definition: checked here on the CPU device, odd sizes too."""
+    a = astronaut.crop((0, 0, 101, 77))
+    b = noisy(a, sigma)
+    ours, ours_map = ssim_map_torch(as_array(a), as_array(b), "cpu")
+    ski, ski_map = ssim_map(as_array(a), as_array(b))
+    assert abs(ours - wang_ssim(np.asarray(a), np.asarray(b))) < 1e-6 and abs(ours - ski) < 1e-6
+    assert ours_map.shape == ski_map.shape == (77, 101) and np.abs(ours_map - ski_map).max() < 1e-3
+    gpu_path, cpu_path = compare_torch(a, b, "cpu"), compare(a, b)
+    assert abs(gpu_path.ssim - cpu_path.ssim) < 1e-6
+    assert (gpu_path.psnr, gpu_path.mean_abs, gpu_path.max_abs) == pytest.approx(
+        (cpu_path.psnr, cpu_path.mean_abs, cpu_path.max_abs), rel=1e-12)
+
+
+def test_differences_only_skip_ssim(astronaut):
+    other = noisy(astronaut, 5)
+    quick, full = compare(astronaut, other, ssim=False), compare(astronaut, other)
+    assert quick.ssim is None and quick.ssim_full is None and full.ssim is not None
+    assert (quick.psnr, quick.mean_abs, quick.max_abs) == (full.psnr, full.mean_abs, full.max_abs)
 
 
 def test_identical_images(astronaut):
