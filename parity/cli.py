@@ -15,6 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     p_run = sub.add_parser("run", help="regenerate every preview of the cases under PATH and write the reports")
     p_run.add_argument("paths", nargs="+", type=Path, help="case folders or folders holding them")
     p_run.add_argument("--report-dir", type=Path, default=Path("reports"))
+    p_run.add_argument("--report-images", default="compact", choices=["compact", "lossless"],
+                       help="compact: full-size WebP (default); lossless: full-size PNG")
     p_run.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p_run.add_argument("--dtype", default="bfloat16")
     p_run.add_argument("--model", default=None, help="hub id or diffusers folder for every case")
@@ -24,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     p_explain.add_argument("paths", nargs="+", type=Path, help="a case folder (or folders holding cases)")
     p_explain.add_argument("--preview", default=None, help="only this preview file name")
     p_explain.add_argument("--report-dir", type=Path, default=Path("reports"))
+    p_explain.add_argument("--report-images", default="compact", choices=["compact", "lossless"],
+                       help="compact: full-size WebP (default); lossless: full-size PNG")
     p_explain.add_argument("--device", default=None)
     p_explain.add_argument("--dtype", default="bfloat16")
     p_explain.add_argument("--model", default=None)
@@ -54,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     set_threads()
     options = Options(cases=tuple(args.paths), report_dir=args.report_dir, device=args.device or default_device(),
                       dtype=args.dtype, model=args.model, cache_dir=args.cache_dir,
-                      thresholds={"ssim_min": args.ssim_min}, shard=_shard(args.shard))
+                      thresholds={"ssim_min": args.ssim_min}, shard=_shard(args.shard),
+                      report_images=args.report_images)
     tasks = plan(options)
     records = run(options, tasks)
     for r in records:
@@ -83,7 +88,7 @@ def explain(args) -> int:
     options = Options(cases=tuple(args.paths), report_dir=args.report_dir, device=args.device or default_device(),
                       dtype=args.dtype, model=args.model, cache_dir=args.cache_dir, explain="all",
                       metric=args.metric, floor=args.floor, reverse=args.reverse,
-                      noise_floor=not args.no_measured_floor)
+                      noise_floor=not args.no_measured_floor, report_images=args.report_images)
     tasks = [t for t in plan(options) if args.preview is None or (t.preview and t.preview.name == args.preview)]
     if not tasks:
         print(f"no preview named {args.preview!r} under {', '.join(map(str, args.paths))}", file=sys.stderr)

@@ -20,6 +20,8 @@ from .runner import DEFAULT_THRESHOLDS, Checker, Options, plan, set_threads
 OPTIONS = {
     "cases": ("folders searched recursively for ai-toolkit output folders", "cases"),
     "report_dir": ("where parity.csv, parity.json, index.html and images go", "reports"),
+    "report_images": ("how the report stores images: compact (full-size WebP, ~1.3 MB a 1024px preview) or "
+                      "lossless (full-size PNG, ~13 MB)", "compact"),
     "device": ("cuda or cpu (default: cuda when available)", ""),
     "dtype": ("compute dtype of the reference render: bfloat16, float32, float16", "bfloat16"),
     "model": ("hub id or diffusers folder used for every case (overrides parity.yaml)", ""),
@@ -93,7 +95,17 @@ def options_from(config) -> Options:
         noise_floor=config.getoption("parity_noise_floor"),
         metrics=tuple(str(option(config, "metrics")).split()),
         lpips_weights=option(config, "lpips_weights") or None,
+        report_images=report_images(option(config, "report_images")),
     )
+
+
+def report_images(mode: str) -> str:
+    from .images import check_mode
+
+    try:
+        return check_mode(str(mode).strip())
+    except ValueError as exc:
+        raise pytest.UsageError(f"--parity-report-images: {exc}") from None
 
 
 def parse_shard(text: str) -> tuple[int, int] | None:

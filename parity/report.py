@@ -2,8 +2,8 @@
 
 The HTML (`index.html`, one `cases/<case>.html` per case) is rendered by Jinja2 templates kept as files in the
 package, from the same records as the CSV, never from live objects; Jinja's autoescape escapes every string.
-Images are files next to the pages, never inlined: the runner's full-size PNGs, and small WebP thumbnails made
-here from them. The pages open from disk and load nothing from the network; a Content-Security-Policy lets
+Images are files next to the pages, never inlined: the runner's full-size images (images.py: WebP, or PNG in
+lossless mode), and small WebP thumbnails made here from them. The pages open from disk and load nothing from the network; a Content-Security-Policy lets
 only the report's own script run (by hash), so an injected `<script>` could not run even if it got through.
 """
 
@@ -21,8 +21,8 @@ from urllib.parse import quote
 import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
-from PIL import Image
 
+from . import images
 from .recipe import FIELD_NAMES
 from .store import write_atomic
 
@@ -38,14 +38,15 @@ COLUMNS = [
 ]
 # Then any `hint_*` columns (sorted), then whatever else the records carry, in order of first appearance.
 
-# The runner's images of a preview: images/<case>/<stem>.<kind>.png (and <stem>.cause-<name>.png per cause).
+# The runner's images of a preview (images.py): images/<case>/<stem>.<kind>.<ext>. The strip on the case page
+# shows these kinds in this order, then any other heat maps (one per perceptual distance).
 KINDS = ("preview", "reference", "training", "diff", "ssim_map")
 KIND_LABELS = {"preview": "preview (training)", "reference": "reference render", "training": "training render",
-               "diff": "difference", "ssim_map": "SSIM map"}
-THUMB_SIDE = 256  # longest side of a thumbnail, in pixels (shown at 96-200 CSS px, sharp on hi-dpi screens)
-THUMB_QUALITY = 72
+               "diff": "difference", "ssim_map": "SSIM map", "lpips_alex_map": "LPIPS (alex) map",
+               "stlpips_alex_map": "ST-LPIPS (alex) map"}
 # Metrics charted across training steps, if any record has them: (key, label, higher is closer).
-CHART_METRICS = (("ssim", "SSIM", True), ("lpips_alex", "LPIPS (alex)", False), ("mean_abs", "mean abs", False))
+CHART_METRICS = (("ssim", "SSIM", True), ("lpips_alex", "LPIPS (alex)", False),
+                 ("stlpips_alex", "ST-LPIPS (alex)", False), ("mean_abs", "mean abs", False))
 
 
 def to_frame(records: list[dict]) -> pd.DataFrame:
@@ -83,52 +84,33 @@ def case_slug(case: str) -> str:
     return slug if slug == case else f"{slug}-{hashlib.sha256(case.encode()).hexdigest()[:8]}"
 
 
-def thumbnail(png: Path, thumb: Path) -> bool:
-    """A small WebP of a PNG, made once (remade when the PNG is newer); False when the PNG cannot be read."""
-    try:
-        if thumb.is_file() and thumb.stat().st_mtime >= png.stat().st_mtime:
-            return True
-        with Image.open(png) as im:
-            im = im.convert("RGB")
-            im.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BICUBIC, reducing_gap=2.0)
-            import io
-
-            buf = io.BytesIO()
-            im.save(buf, format="WEBP", quality=THUMB_QUALITY, method=4)
-        write_atomic(thumb, buf.getvalue())
-        return True
-    except OSError:
-        return False
-
-
 def _url(path: Path, page_dir: Path) -> str:
     return quote(os.path.relpath(path, page_dir).replace(os.sep, "/"))
 
 
+def kind_label(kind: str) -> str:
+    if kind in KIND_LABELS:
+        return KIND_LABELS[kind]
+    if kind.startswith("cause-"):
+        return f"with training {kind[len('cause-'):]}"
+    if kind.endswith("_map"):
+        return f"{kind[:-len('_map')]} map"
+    return kind
+
+
 def preview_images(folder: Path, case: str, preview: str) -> dict[str, dict]:
-    """Every image of one preview that exists: {name: {label, png, thumb}} as paths under `folder`."""
+    """Every image of one preview that exists: {kind: {label, file, thumb}} as paths under `folder`."""
     if not preview:
         return {}
-    stem = Path(preview).stem
-    base = folder / "images" / case
     found: dict[str, dict] = {}
-    for kind in KINDS:
-        png = base / f"{stem}.{kind}.png"
-        if png.is_file():
-            found[kind] = {"label": KIND_LABELS[kind], "png": png}
-    if base.is_dir():
-        prefix = f"{stem}.cause-"
-        for png in sorted(base.glob(f"{glob_escape(prefix)}*.png")):
-            name = png.name[len(prefix):-len(".png")]
-            found[f"cause-{name}"] = {"label": f"with training {name}", "png": png, "cause": name}
-    for item in found.values():
-        thumb = item["png"].parent / "thumbs" / (item["png"].stem + ".webp")
-        item["thumb"] = thumb if thumbnail(item["png"], thumb) else None
+    for kind, path in images.find(folder / "images" / case, Path(preview).stem).items():
+        item = {"label": kind_label(kind), "file": path}
+        if kind.startswith("cause-"):
+            item["cause"] = kind[len("cause-"):]
+        thumb = images.thumb_path(path)
+        item["thumb"] = thumb if images.thumbnail(path, thumb) else None
+        found[kind] = item
     return found
-
-
-def glob_escape(text: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", text)
 
 
 # ---- values ---------------------------------------------------------------------------------------------
@@ -186,8 +168,8 @@ def _row(record: dict, folder: Path, page_dir: Path) -> dict:
     case = str(record.get("case") or "")
     images = preview_images(folder, case, str(record.get("preview") or ""))
     for item in images.values():
-        item["png_url"] = _url(item["png"], page_dir)
-        item["thumb_url"] = _url(item["thumb"], page_dir) if item["thumb"] else item["png_url"]
+        item["url"] = _url(item["file"], page_dir)
+        item["thumb_url"] = _url(item["thumb"], page_dir) if item["thumb"] else item["url"]
     findings = [f for f in _json(record.get("findings_detail"), []) if isinstance(f, dict)]
     differing = {f.get("field") for f in findings}
     recipe = [{"field": name, "training": _text(record.get(f"training.{name}")),
@@ -196,6 +178,9 @@ def _row(record: dict, folder: Path, page_dir: Path) -> dict:
         item["differs"] = item["field"] in differing or item["training"] != item["reference"]
     hints = {k[len("hint_"):]: v for k, v in record.items() if k.startswith("hint_") and _text(v) != ""}
     stem = Path(str(record.get("preview") or record.get("id") or "")).stem
+    # The strip: the fixed kinds (a gap where one is missing), then the perceptual distances' heat maps.
+    strip = [(k, images.get(k)) for k in KINDS] + sorted((k, v) for k, v in images.items()
+                                                          if k.endswith("_map") and k not in KINDS)
     # What the slider and flicker view can show: the images, then the counterfactual renders (no heat maps).
     comparable = [(k, images[k]) for k in ("preview", "reference", "training") if k in images]
     comparable += [(k, v) for k, v in images.items() if "cause" in v]
@@ -209,13 +194,19 @@ def _row(record: dict, folder: Path, page_dir: Path) -> dict:
             "top_share": _num(record.get("top_cause_share")), "step": _num(record.get("step")),
             "index": _num(record.get("sample_index")), "images": images, "findings": findings,
             "recipe": recipe, "causes": _causes(record), "hints": hints,
-            "comparable": comparable, "pair": (a, b)}
+            "comparable": comparable, "pair": (a, b), "strip": strip}
 
 
 def _text(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     return str(value)
+
+
+def _sig(value, digits: int = 4) -> str:
+    """A number to `digits` significant digits (hints span 1e-4 to 1e2); text as it is."""
+    x = _num(value)
+    return _text(value) if x is None else f"{x:.{digits}g}"
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -291,6 +282,7 @@ def render_pages(records: list[dict], env: dict, folder: Path) -> dict[str, str]
     jinja = Environment(loader=PackageLoader("parity", "templates"), autoescape=select_autoescape(["html"]),
                         trim_blocks=True, lstrip_blocks=True)
     jinja.filters["fmt"] = _fmt
+    jinja.filters["sig"] = _sig
     script = jinja.get_template("report.js.html").render()
     style = jinja.get_template("report.css.html").render()
     csp = (f"default-src 'none'; img-src 'self' file:; style-src 'unsafe-inline'; "

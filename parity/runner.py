@@ -24,6 +24,8 @@ from .findings import find
 from .previews import Preview, index_checkpoints, index_previews, lora_for_step
 from .recipe import FIELD_NAMES, Recipe, differing_fields, reference_recipe, switch, training_recipe
 from .goldens import Goldens, fingerprint, golden_name
+from .images import check_mode, save_preview
+from .images import save as write_image
 from .store import save_png
 
 DEFAULT_THRESHOLDS = {"ssim_min": 0.9}
@@ -61,6 +63,7 @@ class Options:
     shard: tuple[int, int] | None = None  # (i, n): this run checks the i-th of n shards (1-based)
     metrics: tuple[str, ...] = ("lpips_alex", "stlpips_alex")  # perceptual distances (parity.metrics.REGISTRY)
     lpips_weights: str | None = None  # AlexNet trunk for lpips_alex (else torchvision's cache)
+    report_images: str = "compact"  # how the report stores images: compact (WebP) | lossless (PNG); images.py
 
 
 @dataclass
@@ -230,6 +233,7 @@ class Checker:
 
     def __init__(self, options: Options):
         self.options = options
+        check_mode(options.report_images)
         if options.deterministic:
             deterministic()
         self.env = environment(options.device)
@@ -238,7 +242,8 @@ class Checker:
         if options.goldens is not None:
             goldens = Goldens(options.goldens, update=options.update_goldens)
             self.goldens = goldens if goldens.active else None
-        self.metric_set = metrics.build(options.metrics, lpips_weights=options.lpips_weights)
+        # the metrics run on the render device: on a GPU they cost well under 1 % of a real render
+        self.metric_set = metrics.build(options.metrics, lpips_weights=options.lpips_weights, device=options.device)
         self.renders = 0
         self._recent: dict[str, Image.Image] = {}  # the last few renders: one preview's are reused
 
@@ -285,19 +290,18 @@ class Checker:
             row.update(verdict="error", reason=str(err))
             return row
         row["render_seconds"] = round(seconds, 3)
-        images = self.image_paths(task)
-        save_png(preview, images["preview"])
-        save_png(reference, images["reference"])
+        self.save_image(task, "preview", preview)
+        self.save_image(task, "reference", reference)
         jpeg = preview_jpeg(task.preview)  # quality and subsampling read from the preview file
-        result = metrics.compare_preview(preview, reference, self.metric_set, jpeg=jpeg)
+        result = metrics.compare_preview(preview, reference, self.metric_set, jpeg=jpeg, device=self.options.device)
         parity, parity_raw = result.judged.comparison, result.raw.comparison
         row.update(parity.as_row())
         row.update({f"{k}_raw": v for k, v in parity_raw.as_row().items()})
         row.update(result.as_row())
         try:
             training, _ = self.render(task.training, task.model)
-            save_png(training, images["training"])
-            fidelity = cmp.compare(preview, metrics.encode_jpeg(training, jpeg) if jpeg else training)
+            self.save_image(task, "training", training)
+            fidelity = cmp.compare(preview, metrics.encode_jpeg(training, jpeg) if jpeg else training, ssim=False)
             row["fidelity_max_abs"] = fidelity.max_abs
             row["fidelity_mean_abs"] = fidelity.mean_abs
             floor = self.options.fidelity_floor["jpeg" if jpeg else "png"]
@@ -315,7 +319,7 @@ class Checker:
                               f"{parity.size_b[0]}x{parity.size_b[1]}")
             return row
         for name, image in metrics.maps(preview, reference, result.raw).items():
-            save_png(image, images["preview"].with_name(f"{task.preview.stem}.{MAP_NAMES.get(name, name + '_map')}.png"))
+            self.save_image(task, MAP_NAMES.get(name, name + "_map"), image)
         failed = judge(parity, task.thresholds)
         if self.goldens is not None:
             row.update(self.goldens.check(reference, task.reference, fingerprint(self.env, task.reference.dtype),
@@ -391,17 +395,18 @@ class Checker:
                            task.reference, metric=self.options.metric, floor=floor,
                            reverse=self.options.reverse, encode=self.preview_encoder(task))
         row.update(result.as_columns())
-        folder = self.image_paths(task)["preview"].parent
         for cause in result.causes:
             if cause.distance is not None:  # already rendered: served from the in-memory cache
                 image, _ = self.render(switch(task.reference, task.training, cause.fields), task.model)
-                save_png(image, folder / f"{task.preview.stem}.cause-{cause.name}.png")
+                self.save_image(task, f"cause-{cause.name}", image)
         return result
 
-    def image_paths(self, task: Task) -> dict[str, Path]:
+    def save_image(self, task: Task, kind: str, image: Image.Image) -> Path:
+        """One image of a preview for the report (images.py: names and encodings)."""
         folder = Path(self.options.report_dir) / "images" / task.case
-        stem = task.preview.stem
-        return {k: folder / f"{stem}.{k}.png" for k in ("preview", "reference", "training", "diff", "ssim_map")}
+        if kind == "preview":
+            return save_preview(task.preview, image, folder, task.preview.stem, self.options.report_images)
+        return write_image(image, folder, task.preview.stem, kind, self.options.report_images)
 
 
 def judge(c: cmp.Comparison, thresholds: dict) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 import pandas as pd
+import pytest
 
 from conftest import SUITE, run_suite
 
@@ -19,6 +20,12 @@ def test_suite_passes_and_writes_reports(pytester, small_root, tmp_path, render_
     assert sorted(csv["id"]) == ["tiny_qwen_edit_plus_parity_a/3/0", "tiny_qwen_edit_plus_parity_a/6/1"]
     assert set(csv["verdict"]) == {"match"}
     assert (tmp_path / "rep" / "index.html").is_file()
+    images = tmp_path / "rep" / "images" / "tiny_qwen_edit_plus_parity_a"
+    names = {p.name.split(".", 1)[1] for p in images.glob("*__000000003_0.*")}
+    # compact images (the default): WebP; these previews are PNGs, so they are encoded like the renders
+    assert names == {"preview.webp", "reference.webp", "training.webp", "diff.webp", "ssim_map.webp",
+                     "stlpips_alex_map.webp"}
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in images.iterdir() if p.is_file())  # readable by all
 
 
 def test_failure_names_metrics_findings_and_report(pytester, small_root, tmp_path, render_cache):
@@ -39,8 +46,20 @@ def test_options_come_from_ini(pytester, small_root, tmp_path, render_cache):
         parity_report_dir = {tmp_path / 'ini-rep'}
         parity_cache_dir = {render_cache}
         parity_device = cpu
+        parity_report_images = lossless
     """)
     result = pytester.runpytest_subprocess(str(SUITE), "-p", "no:cacheprovider", "-c", str(pytester.path / "tox.ini"),
                                            "--rootdir", str(pytester.path))
     result.assert_outcomes(passed=2)
     assert (tmp_path / "ini-rep" / "parity.csv").is_file()
+    images = tmp_path / "ini-rep" / "images" / "tiny_qwen_edit_plus_parity_a"
+    assert {p.suffix for p in images.iterdir() if p.is_file()} == {".png"}  # lossless: PNG, the preview copied
+    preview = next(images.glob("*__000000003_0.preview.png"))
+    assert preview.read_bytes() == next(small_root.rglob("*__000000003_0.png")).read_bytes()
+
+
+def test_bad_report_images_option_is_a_usage_error(pytester, small_root, tmp_path, render_cache):
+    result = run_suite(pytester, small_root, tmp_path / "rep", render_cache, "--parity-report-images", "tiny")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--parity-report-images: report images: unknown encoding 'tiny'; use one of "
+                                 "compact, lossless*"])

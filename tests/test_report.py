@@ -71,17 +71,45 @@ def synthetic_record(i: int, case: str, step: int, index: int, verdict: str, pro
     return row
 
 
-def make_report(folder: Path, n: int = 12, side: int = 64, distinct: int = 6) -> tuple[list[dict], dict]:
-    """n records over two cases and every verdict, with every image kind the runner writes (copies of a few
-    distinct PNGs, so that big reports are quick to make); writes the reports and returns (records, paths)."""
+KINDS = ("preview", "reference", "training", "diff", "ssim_map", "stlpips_alex_map", "cause-cfg_norm",
+         "cause-text_encoder_rope")  # every image the runner writes for a preview with two causes tested
+
+
+def image_set(pool: Path, k: int, side: int, mode: str) -> dict[str, Path]:
+    """One preview's images, made and encoded as the runner makes them (images.py): a JPEG q75 preview, renders a
+    few levels off it, the heat maps between them; written once into `pool` and reused."""
+    from parity import compare as cmp
+    from parity.images import find, save, save_preview
+    from parity.metrics import heat
+
+    folder, stem = pool / mode, f"set{k}"
+    found = find(folder, stem)
+    if set(found) == set(KINDS):
+        return found
+    rng = np.random.default_rng(k)
+    image = synthetic_image(side, k)
+    folder.mkdir(parents=True, exist_ok=True)
+    jpg = pool / f"{stem}.jpg"
+    image.save(jpg, quality=75)
+    preview = Image.open(jpg).convert("RGB")
+    noisy = lambda: Image.fromarray(np.clip(np.asarray(image) + rng.normal(0, 2, (side, side, 3)), 0, 255)  # noqa
+                                    .round().astype(np.uint8))
+    reference = noisy()
+    save_preview(jpg, preview, folder, stem, mode)
+    for kind, im in {"reference": reference, "training": noisy(), "diff": cmp.diff_heatmap(preview, reference),
+                     "ssim_map": cmp.ssim_heatmap(preview, reference),
+                     "stlpips_alex_map": heat(rng.random((side // 16, side // 16)), (side, side)),
+                     "cause-cfg_norm": noisy(), "cause-text_encoder_rope": noisy()}.items():
+        save(im, folder, stem, kind, mode)
+    return find(folder, stem)
+
+
+def make_report(folder: Path, n: int = 12, side: int = 64, distinct: int = 6,
+                mode: str = "compact") -> tuple[list[dict], dict]:
+    """n records over two cases and every verdict, with every image kind the runner writes (hard links to a few
+    distinct sets, so that big reports are quick to make); writes the reports and returns (records, paths)."""
     pool = folder.parent / f".pool-{side}"
-    pool.mkdir(parents=True, exist_ok=True)
-    sources = []
-    for k in range(distinct):
-        path = pool / f"{k}.png"
-        if not path.is_file():
-            synthetic_image(side, k).save(path)
-        sources.append(path)
+    sets = [image_set(pool, k, side, mode) for k in range(distinct)]
     prompts = ["make the square red", "a cat in a hat, watercolour", XSS, "turn the photo into line art"]
     records = []
     for i in range(n):
@@ -96,34 +124,35 @@ def make_report(folder: Path, n: int = 12, side: int = 64, distinct: int = 6) ->
         stem = Path(rec["preview"]).stem
         images = folder / "images" / case
         images.mkdir(parents=True, exist_ok=True)
-        for j, kind in enumerate(("preview", "reference", "training", "diff", "ssim_map", "cause-cfg_norm",
-                                  "cause-text_encoder_rope")):
-            target = images / f"{stem}.{kind}.png"
-            try:  # a hard link: a 1 GB report takes no disk, its files still count their full size
-                os.link(sources[(i + j) % distinct], target)
+        for kind, source in sets[i % distinct].items():
+            target = images / f"{stem}.{kind}{source.suffix}"
+            try:  # a hard link: a big report takes little disk, its files still count their full size
+                os.link(source, target)
             except OSError:
-                shutil.copyfile(sources[(i + j) % distinct], target)
+                shutil.copyfile(source, target)
     paths = write_reports(records, folder, ENV)
     return records, paths
 
 
-def measure(folder: Path, n: int = 100, side: int = 1024) -> dict:
+def measure(folder: Path, n: int = 100, side: int = 1024, mode: str = "compact") -> dict:
     """Make an n-preview report at side x side and return its sizes in bytes and the seconds it took."""
     import time
 
     start = time.perf_counter()
-    make_report(folder, n=n, side=side)
+    make_report(folder, n=n, side=side, mode=mode)
     seconds = time.perf_counter() - start
     files = [p for p in folder.rglob("*") if p.is_file()]
     size = lambda ps: sum(p.stat().st_size for p in ps)  # noqa: E731
-    thumbs = [p for p in files if p.suffix == ".webp"]
-    pngs = [p for p in files if p.suffix == ".png"]
+    thumbs = [p for p in files if p.parent.name == "thumbs"]
+    full = [p for p in files if p.parent.name != "thumbs" and p.suffix in (".png", ".webp", ".jpg")]
     pages = [p for p in files if p.suffix == ".html"]
-    return {"previews": n, "side": side, "index_bytes": (folder / "index.html").stat().st_size,
+    return {"previews": n, "side": side, "images": mode, "index_bytes": (folder / "index.html").stat().st_size,
             "case_pages_bytes": size(pages) - (folder / "index.html").stat().st_size,
-            "thumbnails": len(thumbs), "thumbnail_bytes": size(thumbs), "full_size_pngs": len(pngs),
-            "full_size_png_bytes": size(pngs), "csv_json_bytes": size(p for p in files if p.suffix in (".csv", ".json")),
-            "total_bytes": size(files), "seconds_with_thumbnails": round(seconds, 1)}
+            "thumbnails": len(thumbs), "thumbnail_bytes": size(thumbs), "full_size_images": len(full),
+            "full_size_image_bytes": size(full),
+            "csv_json_bytes": size(p for p in files if p.suffix in (".csv", ".json")),
+            "total_bytes": size(files), "bytes_per_preview": size(files) // n,
+            "seconds_with_thumbnails": round(seconds, 1)}
 
 
 class Links(HTMLParser):
@@ -201,11 +230,12 @@ def test_pages_and_thumbnails_are_files_next_to_the_index(report):
 
                 assert (page.parent / unquote(target)).is_file(), (page, ref)
     thumbs = list((folder / "images").rglob("thumbs/*.webp"))
-    assert len(thumbs) == len(records) * 7
+    assert len(thumbs) == len(records) * len(KINDS)
     with Image.open(thumbs[0]) as im:
         assert im.format == "WEBP" and max(im.size) <= 256
     index = paths["html"].read_text()
-    assert ".webp" in index and ".png" not in index.split("<tbody>")[1]  # the index shows thumbnails only
+    shown = [ref for ref in re.findall(r'<img[^>]* src="([^"]+)"', index.split("<tbody>")[1])]
+    assert shown and all("/thumbs/" in ref for ref in shown)  # the index shows thumbnails only
 
 
 def test_every_string_is_escaped(report):
@@ -263,11 +293,10 @@ def test_records_without_images_or_new_fields_still_render(tmp_path):
 
 
 def test_size_of_a_100_preview_report_at_1024(tmp_path):
-    """Index under 2 MB; what the report adds to the runner's full-size PNGs (pages, thumbnails, CSV, JSON)
-    under 150 MB. Prints every figure, the full-size PNGs included (they are the runner's, lossless, and
-    dominate: about 1.8 MB each for a detailed 1024x1024 image)."""
+    """Index under 2 MB and the whole report, every full-size image included, under 150 MB (compact images,
+    the default); prints every figure."""
     figures = measure(tmp_path / "reports", n=100, side=1024)
     print("\n" + "\n".join(f"{k}: {v}" for k, v in figures.items()))
     assert figures["index_bytes"] < 2_000_000
-    assert figures["total_bytes"] - figures["full_size_png_bytes"] < 150_000_000
-    assert figures["thumbnails"] == figures["full_size_pngs"] == 700
+    assert figures["total_bytes"] < 150_000_000
+    assert figures["thumbnails"] == figures["full_size_images"] == 100 * len(KINDS)

@@ -140,7 +140,7 @@ def test_case_page_slider_flicker_and_links(page, report):
     assert 75 <= int(slider.input_value()) <= 85
 
     box.locator(".cmp-b").select_option(label="with training cfg_norm")
-    assert box.locator(".cmp-under").evaluate("e => e.src").endswith(".cause-cfg_norm.png")
+    assert box.locator(".cmp-under").evaluate("e => e.src").endswith(".cause-cfg_norm.webp")
     box.locator(".cmp-mode[data-mode=flicker]").click()
     seen = set()
     for _ in range(8):
