@@ -86,10 +86,12 @@ def main() -> None:
         print(f"metric set, SSIM and perceptual distances on {where} (the rest on the CPU, 1 thread): "
               f"PNG preview {sets[where]['png']:.3f} s, JPEG preview {sets[where]['jpeg']:.3f} s")
     a, b, _ = pair()
+    measured = M.measure(a, b, M.build(device=dev), device=dev)
     parts = {"ssim on the GPU": lambda: cmp.compare(a, b, device=dev),
-             "hints (CPU)": lambda: hints(a, b), "maps (CPU)": lambda: M.maps(a, b)}
+             "hints (CPU)": lambda: hints(a, b),
+             "maps (CPU; SSIM map reused)": lambda: M.maps(a, b, measured)}
     for name, fn in parts.items():
-        print(f"  {name:20s} {timed(lambda: (fn(), torch.cuda.synchronize()))[0]:.3f} s")
+        print(f"  {name:28s} {timed(lambda: (fn(), torch.cuda.synchronize()))[0]:.3f} s")
     gpu, cpu = cmp.compare(a, b, device=dev), cmp.compare(a, b)
     print(f"  SSIM on the GPU vs scikit-image: {gpu.ssim:.8f} vs {cpu.ssim:.8f} "
           f"(difference {abs(gpu.ssim - cpu.ssim):.1e}; map max difference "
