@@ -113,8 +113,7 @@ def rfft_weights(shape: tuple[int, int]) -> np.ndarray:
 def error_low_freq_share(a: Image.Image, b: Image.Image) -> float:
     """Share of the squared error (Parseval) at frequencies below LOW_FREQ_CUTOFF, DC included."""
     err = np.asarray(b.convert("RGB"), np.float32) - np.asarray(a.convert("RGB"), np.float32)
-    p = np.abs(scipy.fft.rfft2(err, axes=(0, 1))) ** 2
-    p[:, 1:-1 if err.shape[1] % 2 == 0 else None] *= 2  # rfft keeps half the spectrum: count the mirrored bins
+    p = np.abs(scipy.fft.rfft2(err, axes=(0, 1))) ** 2 * rfft_weights(err.shape[:2])[..., None]
     low = radial_frequency(err.shape[:2]) < LOW_FREQ_CUTOFF
     total = float(p.sum(dtype=np.float64))
     return 0.0 if total == 0 else float(p[low].sum(dtype=np.float64) / total)
