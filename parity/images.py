@@ -80,23 +80,27 @@ def save_preview(source: Path, image: Image.Image, folder: Path, stem: str, mode
     return save(image, folder, stem, "preview", mode)
 
 
-def find(folder: Path, stem: str) -> dict[str, Path]:
-    """Every image of one preview in `folder`: {kind: path}; when a kind exists in several encodings (a run
-    stopped halfway), the newest file wins."""
-    found: dict[str, Path] = {}
+def index(folder: Path) -> dict[str, dict[str, Path]]:
+    """Every image in `folder`, {stem: {kind: path}}, from one read of the folder (a report of hundreds of
+    previews reads each case folder once, not once per preview). When a kind exists in several encodings (a
+    run stopped halfway), the newest file wins."""
+    out: dict[str, dict[str, Path]] = {}
     if not Path(folder).is_dir():
-        return found
-    prefix = f"{stem}."
+        return out
     for path in Path(folder).iterdir():
-        name, ext = path.name, path.suffix.lower()
-        if not name.startswith(prefix) or ext not in EXTENSIONS or not path.is_file():
+        parts = path.name.rsplit(".", 2)  # <stem>.<kind>.<ext>; kinds hold no dot
+        if len(parts) != 3 or not all(parts) or f".{parts[2].lower()}" not in EXTENSIONS or not path.is_file():
             continue
-        kind = name[len(prefix):-len(ext)]
-        if not kind or "." in kind:
-            continue
-        if kind not in found or path.stat().st_mtime > found[kind].stat().st_mtime:
-            found[kind] = path
-    return found
+        stem, kind = parts[0], parts[1]
+        kinds = out.setdefault(stem, {})
+        if kind not in kinds or path.stat().st_mtime > kinds[kind].stat().st_mtime:
+            kinds[kind] = path
+    return out
+
+
+def find(folder: Path, stem: str) -> dict[str, Path]:
+    """Every image of one preview in `folder`: {kind: path}."""
+    return index(folder).get(stem, {})
 
 
 def thumbnail(source: Path, thumb: Path) -> bool:

@@ -98,12 +98,18 @@ def kind_label(kind: str) -> str:
     return kind
 
 
-def preview_images(folder: Path, case: str, preview: str) -> dict[str, dict]:
-    """Every image of one preview that exists: {kind: {label, file, thumb}} as paths under `folder`."""
+def preview_images(folder: Path, case: str, preview: str,
+                   listings: dict[Path, dict] | None = None) -> dict[str, dict]:
+    """Every image of one preview that exists: {kind: {label, file, thumb}} as paths under `folder`.
+    `listings`: case folders already read (images.index), filled as folders are read."""
     if not preview:
         return {}
+    base = folder / "images" / case
+    listings = {} if listings is None else listings
+    if base not in listings:
+        listings[base] = images.index(base)
     found: dict[str, dict] = {}
-    for kind, path in images.find(folder / "images" / case, Path(preview).stem).items():
+    for kind, path in listings[base].get(Path(preview).stem, {}).items():
         item = {"label": kind_label(kind), "file": path}
         if kind.startswith("cause-"):
             item["cause"] = kind[len("cause-"):]
@@ -161,12 +167,12 @@ def verdict_class(verdict: str) -> str:
     return "v-" + (re.sub(r"[^a-z0-9]+", "-", (verdict or "none").lower()).strip("-") or "none")
 
 
-def _row(record: dict, folder: Path, page_dir: Path) -> dict:
+def _row(record: dict, folder: Path, page_dir: Path, listings: dict[Path, dict] | None = None) -> dict:
     # Every column present (None when missing; NaN, as pandas reads an empty cell, is None too).
     record = {**{c: None for c in COLUMNS},
               **{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}}
     case = str(record.get("case") or "")
-    images = preview_images(folder, case, str(record.get("preview") or ""))
+    images = preview_images(folder, case, str(record.get("preview") or ""), listings)
     for item in images.values():
         item["url"] = _url(item["file"], page_dir)
         item["thumb_url"] = _url(item["thumb"], page_dir) if item["thumb"] else item["url"]
@@ -295,8 +301,9 @@ def render_pages(records: list[dict], env: dict, folder: Path) -> dict[str, str]
         counts[_text(r.get("verdict")) or "(none)"] = counts.get(_text(r.get("verdict")) or "(none)", 0) + 1
     cases: dict[str, list[dict]] = {}
     index_rows = []
+    listings: dict[Path, dict] = {}  # each case's image folder, read once for all its previews
     for r in records:
-        row = _row(r, folder, folder)
+        row = _row(r, folder, folder, listings)
         index_rows.append(row)
         cases.setdefault(row["case"], []).append(r)
 
@@ -304,7 +311,7 @@ def render_pages(records: list[dict], env: dict, folder: Path) -> dict[str, str]
         rows=index_rows, counts=sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])),
         vclass=verdict_class, cases=sorted(cases), **common)}
     for case, recs in cases.items():
-        rows = [_row(r, folder, folder / "cases") for r in recs]
+        rows = [_row(r, folder, folder / "cases", listings) for r in recs]
         rows.sort(key=lambda row: (row["index"] if row["index"] is not None else -1,
                                    row["step"] if row["step"] is not None else -1))
         samples: dict = {}
