@@ -12,8 +12,8 @@ weights' values. Timed on the GPU, side by side in this one run:
 A render is S steps x 2 forwards (true CFG, guidance > 1, the reference default of 25 steps) plus the VAE; the
 text encoder (once per prompt) is left out, so the share printed is an upper bound. The metric set is timed as
 the harness runs it on this machine, one torch thread: SSIM and the perceptual distances on the CPU, then on the
-GPU (the runner's choice when it renders there); hints, maps and JPEG encoding stay on the CPU. `--layers` builds fewer blocks (a smoke test
-on a small GPU); the figure printed then is scaled to 60 blocks and says so.
+GPU (the runner's choice when it renders there); hints, maps and JPEG encoding stay on the CPU. `--layers` builds
+fewer blocks (a smoke test on a small GPU); the figure printed then is scaled to 60 blocks and says so.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def main() -> None:
     fwd = cuda_seconds(forward) * REAL_LAYERS / args.layers
     scaled = "" if args.layers == REAL_LAYERS else f" (scaled from {args.layers} blocks to {REAL_LAYERS})"
     print(f"transformer forward, {hidden.shape[1]} image + {text} text tokens: {fwd:.3f} s{scaled}")
-    del transformer
+    transformer = None  # noqa: F841  (frees its 41 GB before the VAE is built; `forward` is not called again)
     torch.cuda.empty_cache()
 
     vae = random_module(AutoencoderKLQwenImage, dev, dtype)

@@ -96,14 +96,18 @@ def ssim_map_torch(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor,
     return float(score), s.mean(dim=0).cpu().numpy()
 
 
+def psnr_of(mse: float) -> float:
+    """PSNR in dB of a mean squared difference in 0-255 levels (inf for identical images)."""
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
 def compare_torch(a: Image.Image, b: Image.Image, device: str) -> Comparison:
     """`compare` with every number computed on `device`: the images travel as uint8, nothing else is copied."""
     x, y = (torch.from_numpy(np.array(im.convert("RGB"))).to(device).permute(2, 0, 1).float() for im in (a, b))
     diff = (x - y).abs()
     mse = float(diff.square().sum(dtype=torch.float64)) / diff.numel()
-    psnr = float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
     score, full = ssim_map_torch(x, y)
-    return Comparison(score, psnr, float(diff.sum(dtype=torch.float64)) / diff.numel(), int(diff.max()), a.size,
+    return Comparison(score, psnr_of(mse), float(diff.sum(dtype=torch.float64)) / diff.numel(), int(diff.max()), a.size,
                       b.size, full, mse)
 
 
@@ -121,9 +125,9 @@ def compare(a: Image.Image, b: Image.Image, ssim: bool = True, device: str | Non
     x, y = as_array(a), as_array(b)
     diff = np.abs(x - y)
     mse = float(np.square(diff).sum(dtype=np.float64) / diff.size)  # squares of 0-255 are exact in float32
-    psnr = float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
     score, full = ssim_map(x, y) if ssim else (None, None)
-    return Comparison(score, psnr, float(diff.mean(dtype=np.float64)), int(diff.max()), a.size, b.size, full, mse)
+    return Comparison(score, psnr_of(mse), float(diff.mean(dtype=np.float64)), int(diff.max()), a.size, b.size,
+                      full, mse)
 
 
 def encode_like(image: Image.Image, fmt: str) -> Image.Image:

@@ -16,7 +16,6 @@ Thumbnails (WebP, 256 px) go to `images/<case>/thumbs/`.
 from __future__ import annotations
 
 import io
-import shutil
 from pathlib import Path
 
 from PIL import Image
@@ -71,10 +70,7 @@ def save_preview(source: Path, image: Image.Image, folder: Path, stem: str, mode
     ext = {"JPEG": ".jpg", "WEBP": ".webp", "PNG": ".png"}.get(fmt or "")
     if ext and (fmt != "PNG" or check_mode(mode) == "lossless"):
         path = Path(folder) / f"{stem}.preview{ext}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        shutil.copyfile(source, tmp)
-        tmp.replace(path)
+        write_atomic(path, Path(source).read_bytes())
         _remove_others(Path(folder), stem, "preview", path)
         return path
     return save(image, folder, stem, "preview", mode)

@@ -3,8 +3,9 @@
 The HTML (`index.html`, one `cases/<case>.html` per case) is rendered by Jinja2 templates kept as files in the
 package, from the same records as the CSV, never from live objects; Jinja's autoescape escapes every string.
 Images are files next to the pages, never inlined: the runner's full-size images (images.py: WebP, or PNG in
-lossless mode), and small WebP thumbnails made here from them. The pages open from disk and load nothing from the network; a Content-Security-Policy lets
-only the report's own script run (by hash), so an injected `<script>` could not run even if it got through.
+lossless mode), and small WebP thumbnails made here from them. The pages open from disk and load nothing from the
+network; a Content-Security-Policy lets only the report's own script run (by hash), so an injected `<script>`
+could not run even if it got through.
 """
 
 from __future__ import annotations
@@ -172,8 +173,8 @@ def _row(record: dict, folder: Path, page_dir: Path, listings: dict[Path, dict] 
     record = {**{c: None for c in COLUMNS},
               **{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}}
     case = str(record.get("case") or "")
-    images = preview_images(folder, case, str(record.get("preview") or ""), listings)
-    for item in images.values():
+    found = preview_images(folder, case, str(record.get("preview") or ""), listings)
+    for item in found.values():
         item["url"] = _url(item["file"], page_dir)
         item["thumb_url"] = _url(item["thumb"], page_dir) if item["thumb"] else item["url"]
     findings = [f for f in _json(record.get("findings_detail"), []) if isinstance(f, dict)]
@@ -185,11 +186,11 @@ def _row(record: dict, folder: Path, page_dir: Path, listings: dict[Path, dict] 
     hints = {k[len("hint_"):]: v for k, v in record.items() if k.startswith("hint_") and _text(v) != ""}
     stem = Path(str(record.get("preview") or record.get("id") or "")).stem
     # The strip: the fixed kinds (a gap where one is missing), then the perceptual distances' heat maps.
-    strip = [(k, images.get(k)) for k in KINDS] + sorted((k, v) for k, v in images.items()
+    strip = [(k, found.get(k)) for k in KINDS] + sorted((k, v) for k, v in found.items()
                                                           if k.endswith("_map") and k not in KINDS)
     # What the slider and flicker view can show: the images, then the counterfactual renders (no heat maps).
-    comparable = [(k, images[k]) for k in ("preview", "reference", "training") if k in images]
-    comparable += [(k, v) for k, v in images.items() if "cause" in v]
+    comparable = [(k, found[k]) for k in ("preview", "reference", "training") if k in found]
+    comparable += [(k, v) for k, v in found.items() if "cause" in v]
     names = [k for k, _ in comparable]
     a = "preview" if "preview" in names else (names[0] if names else None)
     b = next((k for k in ["reference", *names] if k in names and k != a), None)
@@ -198,7 +199,7 @@ def _row(record: dict, folder: Path, page_dir: Path, listings: dict[Path, dict] 
             "ssim": _num(record.get("ssim")), "lpips": _num(record.get("lpips_alex")),
             "stlpips": _num(record.get("stlpips_alex")), "top_cause": _text(record.get("top_cause")),
             "top_share": _num(record.get("top_cause_share")), "step": _num(record.get("step")),
-            "index": _num(record.get("sample_index")), "images": images, "findings": findings,
+            "index": _num(record.get("sample_index")), "images": found, "findings": findings,
             "recipe": recipe, "causes": _causes(record), "hints": hints,
             "comparable": comparable, "pair": (a, b), "strip": strip}
 
