@@ -57,3 +57,31 @@ def run_suite(pytester, root: Path, report: Path, cache: Path, *extra: str):
     return pytester.runpytest_subprocess(str(SUITE), "--parity-cases", str(root), "--parity-report-dir", str(report),
                                          "--parity-cache-dir", str(cache), "--parity-device", "cpu",
                                          "-p", "no:cacheprovider", "-v", *extra)
+
+
+@pytest.fixture
+def fast_root(tmp_path) -> Path:
+    """A quick-to-render copy of the v1 run for tests that must really render (resume, progress, prompts):
+    no control images (no ~1024 px VAE encode), fp32 (fast on every CPU, bf16-native or not), 64x64, 2 steps.
+    Its previews are the v1 JPEGs of steps 0 and 2, so verdicts are `size mismatch`: only the flow is tested."""
+    import yaml
+
+    root = tmp_path / "fast-cases"
+    case = root / V1.name
+    case.mkdir(parents=True)
+    (case / "samples").mkdir()
+    for p in sorted((V1 / "samples").glob("*.jpg")):
+        if "__000000004_" not in p.name:
+            shutil.copy(p, case / "samples" / p.name)
+    for p in V1.glob("*.safetensors"):
+        shutil.copy(p, case / p.name)
+    doc = yaml.safe_load((V1 / "config.yaml").read_text())
+    proc = doc["config"]["process"][0]
+    proc["train"]["dtype"] = "fp32"
+    proc["sample"].update(width=64, height=64, sample_steps=2)
+    for item in proc["sample"]["samples"]:
+        for key in ("ctrl_img", "ctrl_img_1", "ctrl_img_2", "ctrl_img_3", "width", "height"):
+            item.pop(key, None)
+    (case / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    (case / "parity.yaml").write_text(f"model: {TINY_MODEL.resolve()}\n")
+    return root

@@ -88,6 +88,7 @@ class TrainingJob:
     trigger_word: str | None
     device: str
     train_dtype: str
+    train_steps: int | None  # the last step: the final LoRA's step when its metadata does not say
     model_name_or_path: str
     arch: str
     quantize: bool
@@ -138,13 +139,25 @@ def trainer_process(doc: Any) -> dict | None:
     return procs[0] if procs[0].get("type") in TRAINER_TYPES else None
 
 
-def _as_number(path: Path, where: str, value: Any, kind=float):
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        return kind(value)
-    except (TypeError, ValueError):
-        raise CaseError(path, f"{where} is {value!r}, not a number", f"write a number for {where}") from None
+class _Problems(list):
+    """Wrong types found while parsing, all reported together (a person fixes them in one go)."""
+
+    def number(self, where: str, value: Any, kind=float, default=0):
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return kind(value)
+        except (TypeError, ValueError, OverflowError):
+            self.append((where, value))
+            return default
+
+    def raise_if_any(self, path: Path) -> None:
+        self[:] = list(dict.fromkeys((where, repr(value)) for where, value in self))  # a shared key once
+        if self:
+            listed = "; ".join(f"{where} is {value}" for where, value in self[:10])
+            more = f" (and {len(self) - 10} more)" if len(self) > 10 else ""
+            raise CaseError(path, f"{len(self)} value(s) of the wrong type or range: {listed}{more}",
+                            "write numbers (whole numbers for seeds, sizes and steps) for these keys")
 
 
 def _parse_flags(path: Path, text: str, where: str) -> tuple[str, dict[str, str], list[str]]:
@@ -183,7 +196,8 @@ def parse_sample_items(path: Path, sample: dict, name: str) -> tuple[SampleItem,
     else:
         raise CaseError(path, "sample: has neither a `samples:` list nor a `prompts:` list",
                         "add the prompts the previews were rendered from under sample.samples")
-    seed = _as_number(path, "sample.seed", cfg["seed"], int)
+    problems = _Problems()
+    seed = problems.number("sample.seed", cfg["seed"], int)
     walk = bool(cfg["walk_seed"])
     items = []
     for i, raw in enumerate(raw_items):
@@ -197,7 +211,7 @@ def parse_sample_items(path: Path, sample: dict, name: str) -> tuple[SampleItem,
         explicit += [k for k in flags]
         # Seed: an item's own `seed:` is used as is; without walk_seed it carries over to later items.
         if "seed" in raw:
-            item_seed = _as_number(path, f"{where}.seed", raw["seed"], int)
+            item_seed = problems.number(f"{where}.seed", raw["seed"], int)
             if not walk:
                 seed = item_seed
         elif walk:
@@ -205,11 +219,18 @@ def parse_sample_items(path: Path, sample: dict, name: str) -> tuple[SampleItem,
         else:
             item_seed = seed
         if "seed" in flags:  # a `--seed` flag changes this prompt only
-            item_seed = _as_number(path, f"{where} --seed", flags["seed"], int)
+            item_seed = problems.number(f"{where} --seed", flags["seed"], int)
         value = lambda key: flags.get(key, raw.get(key, cfg.get(key)))  # noqa: E731
-        req_w = _as_number(path, f"{where} width", value("width"), lambda v: int(float(v)))
-        req_h = _as_number(path, f"{where} height", value("height"), lambda v: int(float(v)))
+        # where a value came from, for messages: this item's flag or key, else the sample-level key
+        source = lambda key: (f"{where} --{key}" if key in flags else f"{where}.{key}" if key in raw  # noqa: E731
+                              else f"sample.{key}")
+        req_w = problems.number(source("width"), value("width"), lambda v: int(float(v)), 512)
+        req_h = problems.number(source("height"), value("height"), lambda v: int(float(v)), 512)
         neg = flags.get("neg", raw.get("neg", base_neg))
+        for key in ("ctrl_img", "ctrl_img_1", "ctrl_img_2", "ctrl_img_3", "neg"):
+            if key in raw and raw[key] is not None and not isinstance(raw[key], (str, bool) if key == "neg" else str):
+                problems.append((f"{where}.{key} (a file path string)", raw[key]))
+                raw = {k: v for k, v in raw.items() if k != key}
         ctrl_img = flags.get("ctrl_img", raw.get("ctrl_img"))
         ctrl_idx = value("ctrl_idx")
         items.append(SampleItem(
@@ -222,19 +243,23 @@ def parse_sample_items(path: Path, sample: dict, name: str) -> tuple[SampleItem,
             requested_height=req_h,
             neg=neg if isinstance(neg, str) else "",
             seed=item_seed,
-            guidance_scale=_as_number(path, f"{where} guidance_scale", value("guidance_scale")),
-            sample_steps=_as_number(path, f"{where} sample_steps", value("sample_steps"), int),
-            network_multiplier=_as_number(path, f"{where} network_multiplier", value("network_multiplier")),
+            guidance_scale=problems.number(source("guidance_scale"), value("guidance_scale")),
+            sample_steps=problems.number(source("sample_steps"), value("sample_steps"), int, 1),
+            network_multiplier=problems.number(source("network_multiplier"), value("network_multiplier")),
             ctrl_img=ctrl_img,
             # SampleItem: ctrl_img_1 defaults to ctrl_img (a `--ctrl_img` flag is parsed later and does not).
             ctrl_img_1=raw.get("ctrl_img_1", raw.get("ctrl_img")),
             ctrl_img_2=raw.get("ctrl_img_2"),
             ctrl_img_3=raw.get("ctrl_img_3"),
-            ctrl_idx=None if ctrl_idx is None else _as_number(path, f"{where} ctrl_idx", ctrl_idx, int),
+            ctrl_idx=None if ctrl_idx is None else problems.number(source("ctrl_idx"), ctrl_idx, int),
             ctrl_from_flag="ctrl_img" in flags,
             explicit=tuple(explicit),
             unknown=tuple(unknown),
         ))
+    for it in items:
+        if it.sample_steps < 1:
+            problems.append((f"sample item {it.index} sample_steps (at least 1)", it.sample_steps))
+    problems.raise_if_any(path)
     return tuple(items)
 
 
@@ -271,6 +296,7 @@ def load_job(path: Path) -> TrainingJob:
         trigger_word=proc.get("trigger_word"),
         device=str(proc.get("device", "cuda")),
         train_dtype=str(train.get("dtype", "bf16")),
+        train_steps=train.get("steps") if isinstance(train.get("steps"), int) else None,
         model_name_or_path=str(model["name_or_path"]),
         arch=arch.split(":")[0],  # "qwen_image_edit_plus:2509" names the same arch
         quantize=bool(model.get("quantize", False)),

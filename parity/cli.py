@@ -1,94 +1,116 @@
-"""`parity run PATH...`: what `pytest parity/` does, without pytest."""
+"""`parity run PATH...`: what `pytest parity/` does, without pytest (the same options: `parity.options`).
+
+Also `parity explain` (attribution for every preview, with the measured noise floor) and `parity merge-reports`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
 
-from .runner import DEFAULT_THRESHOLDS, Options, plan, run, set_threads
+from . import options as table
+from .options import OptionError
+from .runner import plan, run, set_threads, stop_on_sigterm, summary_line
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="parity", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_run = sub.add_parser("run", help="regenerate every preview of the cases under PATH and write the reports")
-    p_run.add_argument("paths", nargs="+", type=Path, help="case folders or folders holding them")
-    p_run.add_argument("--report-dir", type=Path, default=Path("reports"))
-    p_run.add_argument("--report-images", default="compact", choices=["compact", "lossless"],
-                       help="compact: full-size WebP (default); lossless: full-size PNG")
-    p_run.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p_run.add_argument("--dtype", default="bfloat16")
-    p_run.add_argument("--model", default=None, help="hub id or diffusers folder for every case")
-    p_run.add_argument("--cache-dir", type=Path, default=Path(".parity-cache"))
-    p_run.add_argument("--ssim-min", type=float, default=DEFAULT_THRESHOLDS["ssim_min"])
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="parity", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="regenerate every preview of the cases under PATH and write the reports",
+                           description="Regenerate every preview of the cases under PATH with the reference "
+                                       "pipeline, compare, explain, and write the reports. Every option is also "
+                                       "a `pytest parity/` flag (--parity-<name>) and ini key (parity_<name>).")
+    p_run.add_argument("paths", nargs="+", metavar="PATH", help="case folders or folders holding them")
+    table.add_to_argparse(p_run)
+    p_run.add_argument("--no-progress", action="store_true", help="no progress bar (one line per preview instead)")
     p_explain = sub.add_parser("explain", help="which recipe difference explains each preview's gap")
-    p_explain.add_argument("paths", nargs="+", type=Path, help="a case folder (or folders holding cases)")
+    p_explain.add_argument("paths", nargs="+", metavar="PATH", help="a case folder (or folders holding cases)")
     p_explain.add_argument("--preview", default=None, help="only this preview file name")
-    p_explain.add_argument("--report-dir", type=Path, default=Path("reports"))
-    p_explain.add_argument("--report-images", default="compact", choices=["compact", "lossless"],
-                       help="compact: full-size WebP (default); lossless: full-size PNG")
-    p_explain.add_argument("--device", default=None)
-    p_explain.add_argument("--dtype", default="bfloat16")
-    p_explain.add_argument("--model", default=None)
-    p_explain.add_argument("--cache-dir", type=Path, default=Path(".parity-cache"))
-    p_explain.add_argument("--metric", default="mean_abs", choices=["mean_abs", "max_abs", "ssim", "psnr"])
-    p_explain.add_argument("--floor", type=float, default=0.0,
-                           help="noise floor of the metric (default: measured, math vs fused attention kernel)")
-    p_explain.add_argument("--no-measured-floor", action="store_true", help="do not measure the noise floor")
-    p_explain.add_argument("--reverse", action="store_true",
-                           help="also render the training recipe with each reference value (what to change at "
-                                "inference to get the preview back)")
+    p_explain.add_argument("--no-measured-floor", action="store_true",
+                           help="do not measure the noise floor (math vs fused attention kernel)")
+    table.add_to_argparse(p_explain, skip=("explain", "noise_floor"))
     p_merge = sub.add_parser("merge-reports", help="one CSV, JSON and HTML report from shard report folders")
     p_merge.add_argument("dirs", nargs="+", type=Path, help="report folders written by sharded runs")
     p_merge.add_argument("--out", type=Path, default=Path("reports"))
-    p_run.add_argument("--shard", default=None, help="I/N: only the I-th of N shards")
-    args = parser.parse_args(argv)
-    if args.command == "explain":
-        return explain(args)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    top = parser()
+    args = top.parse_args(argv)
     if args.command == "merge-reports":
         from .merge import merge_reports
 
         paths = merge_reports(args.dirs, args.out)
         print(f"merged {len(args.dirs)} report folders -> {paths['html']}")
         return 0
-
-    from .pipeline import default_device
-
+    try:
+        if args.command == "explain":
+            options = table.from_argparse(args, explain="all", noise_floor=not args.no_measured_floor)
+        else:
+            options = table.from_argparse(args)
+    except OptionError as exc:
+        top.error(str(exc))
     set_threads()
-    options = Options(cases=tuple(args.paths), report_dir=args.report_dir, device=args.device or default_device(),
-                      dtype=args.dtype, model=args.model, cache_dir=args.cache_dir,
-                      thresholds={"ssim_min": args.ssim_min}, shard=_shard(args.shard),
-                      report_images=args.report_images)
+    stop_on_sigterm()
+    if args.command == "explain":
+        return explain(args, options)
     tasks = plan(options)
-    records = run(options, tasks)
+    progress = Progress(len(tasks), bar=not args.no_progress)
+    try:
+        records = run(options, tasks, progress=progress)
+    except KeyboardInterrupt:
+        progress.close()
+        print(f"interrupted: the report of what was done is in {options.report_dir / 'index.html'}; run the same "
+              f"command again to finish (finished renders come from the cache)", file=sys.stderr)
+        return 130
+    progress.close()
     for r in records:
-        ssim = f"{r['ssim']:.4f}" if r.get("ssim") is not None else "-"
-        print(f"{r['verdict']:<24} ssim {ssim:<7} {r['id']}  {r['reason']}")
-    counts: dict[str, int] = {}
-    for r in records:
-        counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
-    print(", ".join(f"{n} {v}" for v, n in sorted(counts.items())), f"-> {args.report_dir / 'index.html'}")
-    return 0 if all(r["verdict"] in ("match", "skipped") for r in records) else 1
+        if r["verdict"] not in ("match", "explained"):
+            print(f"{r['verdict']:<24} {r['id']}  {r['reason']}")
+    print(summary_line(records), f"-> {options.report_dir / 'index.html'}")
+    return 0 if all(r["verdict"] in ("match", "explained", "skipped") for r in records) else 1
 
 
-def _shard(text: str | None) -> tuple[int, int] | None:
-    if not text:
-        return None
-    i, n = (int(x) for x in text.split("/"))
-    return i, n
+class Progress:
+    """A progress bar (tqdm) with the current preview, renders made and an ETA; one line per preview
+    instead when the bar is off or the output is not a terminal."""
+
+    def __init__(self, total: int, bar: bool = True):
+        from tqdm import tqdm
+
+        self.total, self.count, self.renders = total, 0, 0
+        self.bar = tqdm(total=total, unit="preview", dynamic_ncols=True, file=sys.stderr) \
+            if bar and sys.stderr.isatty() else None
+        self.started = time.perf_counter()
+
+    def start(self, task) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{task.id} | {self.renders} renders made", refresh=True)
+
+    def done(self, task, record: dict) -> None:
+        self.count += 1
+        self.renders += record.get("renders") or 0
+        if self.bar is not None:
+            self.bar.update(1)
+            return
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / self.count * (self.total - self.count)
+        seconds = record.get("check_seconds")
+        took = f"{seconds:.1f}s" if isinstance(seconds, (int, float)) else "-"
+        print(f"[{self.count}/{self.total}] {record['verdict']:<24} {took:>7}  {task.id}  "
+              f"({self.renders} renders made, ETA {eta:.0f}s)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
-def explain(args) -> int:
-    import json
-
-    from .pipeline import default_device
-
-    set_threads()
-    options = Options(cases=tuple(args.paths), report_dir=args.report_dir, device=args.device or default_device(),
-                      dtype=args.dtype, model=args.model, cache_dir=args.cache_dir, explain="all",
-                      metric=args.metric, floor=args.floor, reverse=args.reverse,
-                      noise_floor=not args.no_measured_floor, report_images=args.report_images)
+def explain(args, options) -> int:
     tasks = [t for t in plan(options) if args.preview is None or (t.preview and t.preview.name == args.preview)]
     if not tasks:
         print(f"no preview named {args.preview!r} under {', '.join(map(str, args.paths))}", file=sys.stderr)

@@ -14,11 +14,11 @@ import torch
 from safetensors import safe_open
 
 from .errors import CaseError
+from .preflight import LORA_PREFIX, locate_model
 from .recipe import LORA_MERGED_FP32, LORA_PEFT, LORA_RUNTIME_FP32
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
           "float16": torch.float16, "fp16": torch.float16}
-LORA_PREFIX = "diffusion_model."
 
 
 def dtype_name(dtype: str) -> str:
@@ -38,10 +38,12 @@ class LoadedModel:
         self.model = model
         self.device = device
         self.dtype = DTYPES[dtype]
-        local = Path(model).is_dir()
+        # The folder, or the hub id's snapshot in the local cache (no network); an uncached id that the hub
+        # answers for is downloaded here, with Hugging Face's progress bars. Fails in seconds when unreachable.
+        source = locate_model(model)
         try:
             self.pipe = QwenImageEditPlusPipeline.from_pretrained(
-                model, torch_dtype=self.dtype, local_files_only=local)
+                source, torch_dtype=self.dtype, local_files_only=Path(source).is_dir())
         except OSError as exc:
             raise CaseError(model, f"cannot load the pipeline: {exc}",
                             "give `model:` in parity.yaml as a local diffusers folder, or make the hub id "
@@ -50,6 +52,17 @@ class LoadedModel:
         self.pipe.set_progress_bar_config(disable=True)
         self._adapter: tuple[str, str] | None = None  # (lora file, adapter name) loaded through PEFT
         self.latent_cache: dict[tuple, torch.Tensor] = {}  # control-image VAE latents (render.control_latents)
+        self.disk_cache = None  # cache.DiskCache shared across processes and runs, set by load()
+
+    def identity(self) -> dict:
+        """What decides this model's outputs besides the inputs: for on-disk cache keys."""
+        import diffusers
+        import transformers
+
+        weights = sorted(Path(self.model).glob("*/*.safetensors")) if Path(self.model).is_dir() else []
+        return {"model": self.model, "device": self.device, "dtype": str(self.dtype), "torch": torch.__version__,
+                "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+                "weights": [(p.parent.name, p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights]}
 
     @property
     def transformer(self):
@@ -109,23 +122,13 @@ def linear_layers(transformer) -> dict[str, torch.nn.Linear]:
 
 
 def check_lora_keys(path: str, transformer) -> None:
-    """Every key must be ai-toolkit's `diffusion_model.<module>.lora_A|lora_B.weight` for a Linear here."""
-    modules = linear_layers(transformer)
-    with safe_open(path, framework="pt") as fh:
-        keys = list(fh.keys())
-    if not keys:
-        raise CaseError(path, "holds no tensors", "copy the LoRA checkpoint again")
-    bad = []
-    for key in keys:
-        name = key.removeprefix(LORA_PREFIX)
-        base, _, kind = name.rpartition(".lora_")
-        if not key.startswith(LORA_PREFIX) or kind not in ("A.weight", "B.weight") or base not in modules:
-            bad.append(key)
-    if bad:
-        raise CaseError(path, f"{len(bad)} of {len(keys)} keys are not ai-toolkit LoRA keys for this "
-                        f"transformer (first: {bad[0]!r})",
-                        "use a LoRA trained by ai-toolkit for qwen_image_edit_plus on this base model "
-                        "(keys diffusion_model.transformer_blocks.N.<linear>.lora_A/lora_B.weight)")
+    """Every key must be ai-toolkit's `diffusion_model.<module>.lora_A|lora_B.weight` for a Linear here, with
+    shapes that fit it (the preflight makes the same check from the model's file headers, before loading)."""
+    from .preflight import check_lora, joined
+
+    problems = check_lora(path, {n: tuple(m.weight.shape) for n, m in linear_layers(transformer).items()})
+    if problems:
+        raise CaseError(None, joined(problems))
 
 
 def read_lora(path: str, transformer) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -185,9 +188,14 @@ def merged_lora(transformer, state, multiplier: float):
 _MODELS: dict[tuple[str, str, str], LoadedModel] = {}
 
 
-def load(model: str, device: str, dtype: str) -> LoadedModel:
-    """The loaded pipeline for (model, device, dtype), loaded on first use and kept for the session."""
+def load(model: str, device: str, dtype: str, cache_dir: Path | str | None = None) -> LoadedModel:
+    """The loaded pipeline for (model, device, dtype), loaded on first use and kept for the session.
+    `cache_dir`: where control-image latents are kept on disk for later processes and runs."""
+    from .cache import open_cache
+
     key = (model, device, dtype_name(dtype))
     if key not in _MODELS:
         _MODELS[key] = LoadedModel(model, device, dtype)
+    if cache_dir is not None:
+        _MODELS[key].disk_cache = open_cache(cache_dir)
     return _MODELS[key]

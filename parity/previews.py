@@ -40,22 +40,29 @@ class StrayFile:
 
     path: Path
     reason: str
+    image: bool = True  # an image file misnamed (an error: it was meant to be checked) or another file
 
 
 def index_previews(folder: Path) -> tuple[list[Preview], list[StrayFile]]:
     samples = folder / "samples"
     previews: list[Preview] = []
     stray: list[StrayFile] = []
+    if not samples.is_dir():
+        return previews, stray
     for path in sorted(p for p in samples.rglob("*") if p.is_file()):
         rel = path.relative_to(samples)
-        if any(part in NOT_PREVIEWS for part in rel.parts[:-1]):
-            continue
+        if any(part in NOT_PREVIEWS or part.startswith(".") for part in rel.parts):
+            continue  # ai-toolkit's .tmp/ and .thumbs/, and hidden files (.DS_Store)
         m = PREVIEW_NAME.match(path.name)
+        is_image = path.suffix.lower().lstrip(".") in IMAGE_EXTS
         if len(rel.parts) > 1 or not m:
-            stray.append(StrayFile(path, "not named <ms>__<step:09d>_<i>.<ext> directly under samples/"))
+            stray.append(StrayFile(path, "is not named <ms>__<step:09d>_<i>.<ext> directly under samples/, so "
+                                   "its step and prompt are unknown -- fix: restore ai-toolkit's file name, or "
+                                   "move the file out of samples/", is_image))
             continue
         if m["ext"].lower() not in IMAGE_EXTS:
-            stray.append(StrayFile(path, f"extension .{m['ext']} is not an image format ai-toolkit writes"))
+            stray.append(StrayFile(path, f"extension .{m['ext']} is not an image format ai-toolkit writes",
+                                   False))
             continue
         previews.append(Preview(path, int(m["ms"]), int(m["step"]), int(m["index"]), m["ext"].lower()))
     previews.sort(key=lambda p: (p.step, p.index, p.ms))
@@ -67,6 +74,7 @@ class Checkpoint:
     path: Path
     step: int
     final: bool
+    step_from_config: bool = False  # a final file without ai-toolkit's metadata: the config's last step
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -79,21 +87,27 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 
 def checkpoint_step(path: Path) -> int | None:
-    info = read_metadata(path).get("training_info")
+    """The step in ai-toolkit's `training_info` metadata; None when it is absent (or the file unreadable: the
+    preflight's LoRA check says so for the previews that need it)."""
     try:
+        info = read_metadata(path).get("training_info")
         return int(json.loads(info)["step"]) if info else None
-    except (ValueError, KeyError, TypeError):
+    except (CaseError, ValueError, KeyError, TypeError):
         return None
 
 
-def index_checkpoints(folder: Path, name: str) -> dict[int, Checkpoint]:
-    """step -> checkpoint. A per-step file wins over the final file for the same step."""
+def index_checkpoints(folder: Path, name: str, last_step: int | None = None) -> dict[int, Checkpoint]:
+    """step -> checkpoint. A per-step file wins over the final file for the same step. The final file is the
+    last step's (`last_step`, the config's train.steps) when its metadata does not say, as after a conversion
+    tool re-saved it without ai-toolkit's metadata."""
     found: dict[int, Checkpoint] = {}
     final = folder / f"{name}.safetensors"
     if final.is_file():
         step = checkpoint_step(final)
         if step is not None:
             found[step] = Checkpoint(final, step, True)
+        elif last_step is not None:
+            found[last_step] = Checkpoint(final, last_step, True, step_from_config=True)
     pattern = re.compile(rf"^{re.escape(name)}_(\d{{9}})\.safetensors$")
     for path in sorted(folder.glob(f"{name}_*.safetensors")):
         m = pattern.match(path.name)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image, UnidentifiedImageError
 
+from .cache import digest
 from .errors import CaseError
 from .pipeline import DTYPES, LoadedModel
 from .preprocess import VAE_RESIZE, UnknownRule, prompt_size, vae_size
@@ -103,12 +104,25 @@ def control_latents(loaded: LoadedModel, path: str, image: Image.Image, size: tu
     from .recipe import file_digest
 
     key = (file_digest(path), size, tiling, kernels)
-    if key not in loaded.latent_cache:
-        w, h = size
-        pixels = loaded.pipe.image_processor.preprocess(image, h, w).unsqueeze(2)
-        pixels = pixels.to(device=loaded.device, dtype=loaded.dtype)
-        loaded.latent_cache[key] = loaded.pipe._encode_vae_image(image=pixels, generator=generator)
-    return loaded.latent_cache[key]
+    if key in loaded.latent_cache:
+        return loaded.latent_cache[key]
+    # On disk too (a bf16 encode of a ~1024x1024 image takes minutes on a CPU without native bf16): keyed by
+    # the model, device, dtype and library versions as well, since all of them change the latents' bits.
+    name = None
+    if loaded.disk_cache is not None:
+        name = "vae-" + digest(key, loaded.identity())
+        cached = loaded.disk_cache.get_tensor(name)
+        if cached is not None:
+            loaded.latent_cache[key] = cached.to(device=loaded.device, dtype=loaded.dtype)
+            return loaded.latent_cache[key]
+    w, h = size
+    pixels = loaded.pipe.image_processor.preprocess(image, h, w).unsqueeze(2)
+    pixels = pixels.to(device=loaded.device, dtype=loaded.dtype)
+    latents = loaded.pipe._encode_vae_image(image=pixels, generator=generator)
+    if name is not None:
+        loaded.disk_cache.put_tensor(name, latents)
+    loaded.latent_cache[key] = latents
+    return latents
 
 
 def make_scheduler(loaded: LoadedModel, config_json: str):
@@ -173,7 +187,7 @@ def _render(loaded: LoadedModel, recipe: Recipe, capture: RenderCapture | None, 
                    for path, img, size in zip(recipe.control_images_vae, vae_pil, vae_sizes)]
         channels = pipe.transformer.config.in_channels // 4
         # Already-encoded latents pass through prepare_latents untouched (it skips the VAE for them).
-        latents, image_latents = pipe.prepare_latents(encoded, 1, channels, height, width, embeds.dtype,
+        latents, image_latents = pipe.prepare_latents(encoded or None, 1, channels, height, width, embeds.dtype,
                                                       device, generator, None)
         img_shapes = [[(1, height // pipe.vae_scale_factor // 2, width // pipe.vae_scale_factor // 2),
                        *[(1, h // pipe.vae_scale_factor // 2, w // pipe.vae_scale_factor // 2) for w, h in vae_sizes]]]

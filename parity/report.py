@@ -35,7 +35,7 @@ COLUMNS = [
     "ssim_raw", "psnr_raw", "mean_abs_raw", "max_abs_raw", "id", "notes", "torch", "diffusers",
     *[f"training.{f}" for f in FIELD_NAMES], *[f"reference.{f}" for f in FIELD_NAMES], "findings_detail",
     "top_cause", "top_cause_share", "causes", "golden_verdict", "golden_max_abs", "golden_fingerprint",
-    "lpips_alex", "stlpips_alex",
+    "lpips_alex", "stlpips_alex", "check_seconds", "renders",
 ]
 # Then any `hint_*` columns (sorted), then whatever else the records carry, in order of first appearance.
 
@@ -295,7 +295,7 @@ def render_pages(records: list[dict], env: dict, folder: Path) -> dict[str, str]
     csp = (f"default-src 'none'; img-src 'self' file:; style-src 'unsafe-inline'; "
            f"script-src '{_script_hash(script)}'; base-uri 'none'; form-action 'none'")
     common = {"env": _environment(env, records), "script": Markup(script), "style": Markup(style), "csp": csp,
-              "total": len(records), "fmt": _fmt}
+              "total": len(records), "fmt": _fmt, "interrupted": env.get("interrupted", "")}
 
     counts: dict[str, int] = {}
     for r in records:

@@ -10,179 +10,27 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+import traceback
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
 from . import compare as cmp
 from . import metrics
-from .aitk_config import SampleItem, TrainingJob
-from .case import BrokenCase, Case, discover
+from .cache import open_cache
 from .errors import CaseError
 from .findings import find
-from .previews import Preview, index_checkpoints, index_previews, lora_for_step
-from .recipe import FIELD_NAMES, Recipe, differing_fields, reference_recipe, switch, training_recipe
 from .goldens import Goldens, fingerprint, golden_name
 from .images import check_mode, save_preview
 from .images import save as write_image
-from .store import save_png
+from .options import DEFAULT_THRESHOLDS, FIDELITY_FLOOR, Options  # noqa: F401 (re-exported)
+from .plan import Task, plan  # noqa: F401 (re-exported: the library's entry points)
+from .recipe import FIELD_NAMES, Recipe, differing_fields, switch
 
-DEFAULT_THRESHOLDS = {"ssim_min": 0.9}
 # Cached renders are only valid for the code that made them.
 RENDER_CODE = hashlib.sha256(b"".join((Path(__file__).parent / f).read_bytes()
                                       for f in ("render.py", "pipeline.py", "preprocess.py"))).hexdigest()[:12]
 MAP_NAMES = {"diff": "diff", "ssim": "ssim_map"}  # image suffixes the report reads
-# Fidelity: the training render, encoded as the preview was, against the preview file, judged on the mean
-# absolute difference (0-255 levels). The fixtures' CPU bf16 previews reproduce here within mean 0.45 / max 6
-# levels lossless; saving a render that is a few levels off as JPEG q75 again moves noise-like images by ~1.7
-# levels on average (max ~26), so a JPEG preview gets a wider floor. A wrong input (LoRA step, seed,
-# checkpoint, control image) moves the image by far more.
-FIDELITY_FLOOR = {"png": 1.0, "jpeg": 3.0}
-
-
-@dataclass(frozen=True)
-class Options:
-    cases: tuple[Path, ...] = (Path("cases"),)
-    report_dir: Path = Path("reports")
-    device: str = "cpu"
-    dtype: str = "bfloat16"
-    model: str | None = None  # overrides every case's model
-    cache_dir: Path | None = None
-    thresholds: dict = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
-    fidelity_floor: dict = field(default_factory=lambda: dict(FIDELITY_FLOOR))
-    explain: str = "failed"  # attribution for: failed | all | none
-    metric: str = "mean_abs"  # the distance attribution ranks causes by
-    reverse: bool = False  # attribution also renders the training recipe with each reference value
-    noise_floor: bool = False  # measure the floor: the training recipe again through other attention kernels
-    accept: tuple[str, ...] = ()  # recipe fields whose differences are accepted (with each case's `accept:`)
-    floor: float = 0.0  # noise floor of `metric` for "explained" and attribution
-    goldens: Path | None = None  # regression mode: stored known-good reference renders
-    update_goldens: bool = False
-    deterministic: bool = False
-    shard: tuple[int, int] | None = None  # (i, n): this run checks the i-th of n shards (1-based)
-    metrics: tuple[str, ...] = ("lpips_alex", "stlpips_alex")  # perceptual distances (parity.metrics.REGISTRY)
-    lpips_weights: str | None = None  # AlexNet trunk for lpips_alex (else torchvision's cache)
-    report_images: str = "compact"  # how the report stores images: compact (WebP) | lossless (PNG); images.py
-
-
-@dataclass
-class Task:
-    """One preview to check: everything except the pixels."""
-
-    id: str
-    case: str
-    case_folder: Path
-    preview: Path | None
-    step: int | None = None
-    index: int | None = None
-    model: str | None = None
-    training: Recipe | None = None
-    reference: Recipe | None = None
-    thresholds: dict = field(default_factory=dict)
-    accept: tuple[str, ...] = ()
-    notes: list[str] = field(default_factory=list)
-    error: str | None = None
-
-
-def _model_for(case: Case, job: TrainingJob, options: Options) -> str:
-    if options.model:
-        return options.model
-    if case.settings.model:
-        return case.settings.model
-    name = job.model_name_or_path
-    for prefix, target in case.settings.paths:  # a training-machine folder mapped by `paths:`
-        if name == prefix or name.startswith(prefix + "/"):
-            return str(target / name[len(prefix):].lstrip("/"))
-    return name
-
-
-def scheduler_config(model: str) -> dict:
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    try:
-        return dict(FlowMatchEulerDiscreteScheduler.load_config(model, subfolder="scheduler",
-                                                                local_files_only=Path(model).is_dir()))
-    except (OSError, ValueError) as exc:
-        raise CaseError(model, f"cannot read the model's scheduler config ({exc.__class__.__name__})",
-                        "set `model:` in parity.yaml to a diffusers folder (or a hub id that is cached)") from None
-
-
-def _case_tasks(case: Case, options: Options) -> list[Task]:
-    previews, stray = index_previews(case.folder)
-    tasks: list[Task] = []
-    try:
-        job = case.job()
-        model = _model_for(case, job, options)
-        sched = scheduler_config(model)
-        checkpoints = index_checkpoints(case.folder, job.name)
-    except CaseError as err:
-        return [_error_task(case.name, case.folder, pv, str(err)) for pv in previews] or \
-               [_error_task(case.name, case.folder, None, str(err))]
-    thresholds = {**options.thresholds, **case.settings.thresholds}
-    for pv in previews:
-        task = Task(id=f"{case.name}/{pv.step}/{pv.index}", case=case.name, case_folder=case.folder,
-                    preview=pv.path, step=pv.step, index=pv.index, model=model, thresholds=thresholds,
-                    accept=case.settings.accept)
-        try:
-            _build_recipes(task, case, job, pv, checkpoints, sched, options)
-        except CaseError as err:
-            task.error = str(err)
-        tasks.append(task)
-    for s in stray:
-        tasks.append(Task(id=f"{case.name}/stray/{s.path.name}", case=case.name, case_folder=case.folder,
-                          preview=s.path, error=f"{s.path}: {s.reason}", notes=["skipped"]))
-    # Two previews with the same step and index (a resumed run): keep both, tell them apart.
-    seen: dict[str, int] = {}
-    for t in tasks:
-        seen[t.id] = seen.get(t.id, 0) + 1
-    for t in tasks:
-        if seen[t.id] > 1 and t.preview is not None:
-            t.id += f"/{t.preview.stem.split('__')[0]}"
-    return tasks
-
-
-def _build_recipes(task: Task, case: Case, job: TrainingJob, pv: Preview, checkpoints, sched, options) -> None:
-    if job.arch and job.arch != "qwen_image_edit_plus":
-        raise CaseError(job.path, f"model.arch is {job.arch!r}; this harness models qwen_image_edit_plus only",
-                        "use a Qwen-Image-Edit-2509 (qwen_image_edit_plus) training run")
-    if pv.index >= len(job.items):
-        raise CaseError(pv.path, f"sample index {pv.index} but the config has {len(job.items)} prompts",
-                        "use the config of the run that wrote this preview")
-    item: SampleItem = job.items[pv.index]
-    ckpt = lora_for_step(case.folder, job.name, pv.step, checkpoints)
-    lora = str(ckpt.path) if ckpt else None
-    if ckpt is None:
-        task.notes.append("step 0: rendered without the LoRA (an untrained LoRA has a zero up-matrix)")
-    # ai-toolkit merges the LoRA only when every prompt uses the same multiplier and the base is not quantized.
-    merged = len({it.network_multiplier for it in job.items}) == 1 and not job.quantize
-    task.training = training_recipe(job, item, lora, case.resolve, lora_merged=merged)
-    task.reference = reference_recipe(job, item, lora, case.resolve, scheduler=sched, device=options.device,
-                                      dtype=options.dtype)
-    if job.unknown:
-        task.notes.append("config keys not modelled: " + ", ".join(job.unknown))
-
-
-def _error_task(case: str, folder: Path, pv: Preview | None, message: str) -> Task:
-    ident = f"{case}/{pv.step}/{pv.index}" if pv else f"{case}/config"
-    return Task(id=ident, case=case, case_folder=folder, preview=pv.path if pv else None,
-                step=pv.step if pv else None, index=pv.index if pv else None, error=message)
-
-
-def plan(options: Options) -> list[Task]:
-    """Every preview of every case under the roots, with its recipes (or the error that stops it)."""
-    tasks: list[Task] = []
-    for case in discover(list(options.cases)):
-        if isinstance(case, BrokenCase):
-            previews, _ = index_previews(case.folder)
-            tasks += [_error_task(case.name, case.folder, pv, str(case.error)) for pv in previews] or \
-                [_error_task(case.name, case.folder, None, str(case.error))]
-        else:
-            tasks += _case_tasks(case, options)
-    if options.shard:
-        i, n = options.shard
-        tasks = [t for k, t in enumerate(tasks) if k % n == i - 1]
-    return tasks
 
 
 def preview_jpeg(path: Path):
@@ -244,7 +92,10 @@ class Checker:
             self.goldens = goldens if goldens.active else None
         # the metrics run on the render device: on a GPU they cost well under 1 % of a real render
         self.metric_set = metrics.build(options.metrics, lpips_weights=options.lpips_weights, device=options.device)
-        self.renders = 0
+        self.cache = open_cache(options.cache_dir)
+        self.renders = 0  # renders made by this process (cache misses)
+        self.cached = 0  # renders served from the on-disk cache
+        self.render_seconds = 0.0
         self._recent: dict[str, Image.Image] = {}  # the last few renders: one preview's are reused
 
     def render(self, recipe: Recipe, model: str) -> tuple[Image.Image, float]:
@@ -260,35 +111,47 @@ class Checker:
     def _render(self, recipe: Recipe, model: str) -> tuple[Image.Image, float]:
         from . import pipeline, render
 
-        cache = None
-        if self.options.cache_dir is not None:
+        name = None
+        if self.cache is not None:
             fp = json.dumps([recipe.key(), model, self.options.device, self.env, RENDER_CODE], sort_keys=True)
-            cache = Path(self.options.cache_dir) / f"{recipe.key()}-{_short_hash(fp)}.png"
-            if cache.is_file():
-                with Image.open(cache) as im:
-                    return im.convert("RGB"), 0.0
-        loaded = pipeline.load(model, self.options.device, recipe.dtype)
+            name = f"{recipe.key()}-{_short_hash(fp)}"
+            cached = self.cache.get_image(name)
+            if cached is not None:
+                self.cached += 1
+                return cached, 0.0
+        loaded = pipeline.load(model, self.options.device, recipe.dtype, cache_dir=self.options.cache_dir)
         start = time.perf_counter()
         image = render.render(loaded, recipe)
         seconds = time.perf_counter() - start
         self.renders += 1
-        if cache is not None:
-            save_png(image, cache)
+        self.render_seconds += seconds
+        if name is not None:
+            self.cache.put_image(name, image)
         return image, seconds
 
     def check(self, task: Task) -> dict:
+        """The record of one preview. Never raises for a preview's sake: a bad input is an `error` row naming the
+        file and the fix, and anything unforeseen an `error` row with the exception (Ctrl-C still stops)."""
         row = base_row(task, self.env)
         if task.error:
             row.update(verdict="skipped" if "skipped" in task.notes else "error", reason=task.error)
             return row
-        from .render import NotRenderable
-
+        start, renders = time.perf_counter(), self.renders
         try:
-            preview = open_preview(task.preview)
-            reference, seconds = self.render(task.reference, task.model)
+            self._check(task, row)
         except CaseError as err:
             row.update(verdict="error", reason=str(err))
-            return row
+        except Exception as exc:  # noqa: BLE001 -- one preview's failure is never the run's
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            row.update(verdict="error", reason=f"unexpected {exc.__class__.__name__} while checking "
+                                               f"{task.preview}: {exc} (at {Path(where.filename).name}:{where.lineno})")
+        row["check_seconds"] = round(time.perf_counter() - start, 3)
+        row["renders"] = self.renders - renders  # made now; the rest came from the render cache
+        return row
+
+    def _check(self, task: Task, row: dict) -> None:
+        preview = open_preview(task.preview)
+        reference, seconds = self.render(task.reference, task.model)
         row["render_seconds"] = round(seconds, 3)
         self.save_image(task, "preview", preview)
         self.save_image(task, "reference", reference)
@@ -298,26 +161,12 @@ class Checker:
         row.update(parity.as_row())
         row.update({f"{k}_raw": v for k, v in parity_raw.as_row().items()})
         row.update(result.as_row())
-        try:
-            training, _ = self.render(task.training, task.model)
-            self.save_image(task, "training", training)
-            fidelity = cmp.compare(preview, metrics.encode_jpeg(training, jpeg) if jpeg else training, ssim=False)
-            row["fidelity_max_abs"] = fidelity.max_abs
-            row["fidelity_mean_abs"] = fidelity.mean_abs
-            floor = self.options.fidelity_floor["jpeg" if jpeg else "png"]
-            reproduced = fidelity.mean_abs is not None and fidelity.mean_abs <= floor
-            row["fidelity_verdict"] = "reproduced" if reproduced else "cannot reproduce preview"
-        except CaseError as err:
-            row.update(verdict="error", reason=str(err))
-            return row
-        except NotRenderable as exc:
-            row["fidelity_verdict"] = f"not renderable here: {exc}"
-            reproduced = True  # unknown: do not blame the inputs
+        reproduced = self.fidelity(task, preview, jpeg, row)
         if not parity.same_size:
             row.update(verdict="size mismatch",
                        reason=f"preview is {parity.size_a[0]}x{parity.size_a[1]}, regeneration is "
                               f"{parity.size_b[0]}x{parity.size_b[1]}")
-            return row
+            return
         for name, image in metrics.maps(preview, reference, result.raw).items():
             self.save_image(task, MAP_NAMES.get(name, name + "_map"), image)
         failed = judge(parity, task.thresholds)
@@ -326,25 +175,42 @@ class Checker:
                                           golden_name(task.case, task.preview)))
         if self.options.explain == "all" or (self.options.explain == "failed" and failed):
             self.explain(task, preview, row)
+        row.update(self.verdict(task, preview, row, failed, reproduced))
+
+    def fidelity(self, task: Task, preview: Image.Image, jpeg, row: dict) -> bool:
+        """The training render against the preview: does the harness reproduce what ai-toolkit made?"""
+        from .render import NotRenderable
+
+        try:
+            training, _ = self.render(task.training, task.model)
+        except NotRenderable as exc:
+            row["fidelity_verdict"] = f"not renderable here: {exc}"
+            return True  # unknown: do not blame the inputs
+        self.save_image(task, "training", training)
+        fidelity = cmp.compare(preview, metrics.encode_jpeg(training, jpeg) if jpeg else training, ssim=False)
+        row["fidelity_max_abs"] = fidelity.max_abs
+        row["fidelity_mean_abs"] = fidelity.mean_abs
+        floor = self.options.fidelity_floor["jpeg" if jpeg else "png"]
+        reproduced = fidelity.mean_abs is not None and fidelity.mean_abs <= floor
+        row["fidelity_verdict"] = "reproduced" if reproduced else "cannot reproduce preview"
+        return reproduced
+
+    def verdict(self, task: Task, preview: Image.Image, row: dict, failed: list[str], reproduced: bool) -> dict:
         accepted = self.accepted(task)
         if failed and accepted and reproduced:
             explained, detail = self.explained_by(task, preview, accepted)
             if explained:
-                row.update(verdict="explained", reason=f"gap explained by accepted fields "
-                                                       f"{', '.join(accepted)} ({detail}); " + "; ".join(failed))
-                return row
+                return dict(verdict="explained", reason=f"gap explained by accepted fields {', '.join(accepted)} "
+                                                        f"({detail}); " + "; ".join(failed))
         if not failed:
-            row.update(verdict="match", reason="")
-        elif not reproduced:
-            row.update(verdict="cannot reproduce preview",
-                       reason=f"the training recipe does not reproduce the preview either (max abs "
-                              f"{row['fidelity_max_abs']}, mean abs {row['fidelity_mean_abs']:.2f} levels): an "
-                              f"input is missing or different "
-                              f"(checkpoint, LoRA step, control image, or the config edited after "
-                              f"training); " + "; ".join(failed))
-        else:
-            row.update(verdict="mismatch", reason="; ".join(failed))
-        return row
+            return dict(verdict="match", reason="")
+        if not reproduced:
+            return dict(verdict="cannot reproduce preview",
+                        reason=f"the training recipe does not reproduce the preview either (max abs "
+                               f"{row['fidelity_max_abs']}, mean abs {row['fidelity_mean_abs']:.2f} levels): an input "
+                               f"is missing or different (checkpoint, LoRA step, control image, or the config edited "
+                               f"after training); " + "; ".join(failed))
+        return dict(verdict="mismatch", reason="; ".join(failed))
 
     @staticmethod
     def preview_encoder(task: Task):
@@ -374,7 +240,7 @@ class Checker:
         from . import pipeline, render
         from .attribution import distance
 
-        loaded = pipeline.load(task.model, self.options.device, task.training.dtype)
+        loaded = pipeline.load(task.model, self.options.device, task.training.dtype, cache_dir=self.options.cache_dir)
         again = render.render(loaded, task.training, math_attention=True)
         self.renders += 1
         encode = self.preview_encoder(task)
@@ -449,14 +315,58 @@ def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def run(options: Options, tasks: list[Task] | None = None) -> list[dict]:
-    """Check every task and write the reports; returns the records."""
+def run(options: Options, tasks: list[Task] | None = None, progress=None) -> list[dict]:
+    """Check every task and write the reports; returns the records.
+
+    `progress` (optional) is told `start(task)` and `done(task, record)`. Interrupted (Ctrl-C, or SIGTERM once
+    `stop_on_sigterm` is in force), the reports of the previews done so far are written, marked as interrupted,
+    and the KeyboardInterrupt goes on; every finished render is in the cache, so running again resumes."""
     from .report import write_reports
 
+    tasks = plan(options) if tasks is None else tasks
     checker = Checker(options)
-    records = [checker.check(t) for t in (tasks if tasks is not None else plan(options))]
-    write_reports(records, options.report_dir, checker.env)
+    records: list[dict] = []
+    try:
+        for task in tasks:
+            if progress is not None:
+                progress.start(task)
+            records.append(checker.check(task))
+            if progress is not None:
+                progress.done(task, records[-1])
+    finally:
+        env = dict(checker.env)
+        if len(records) < len(tasks):
+            env["interrupted"] = f"after {len(records)} of {len(tasks)} previews"
+        write_reports(records, options.report_dir, env)
     return records
+
+
+def summary_line(records: list[dict]) -> str:
+    """Verdict counts and what the renders cost, for the end of a run (pytest and `parity run`)."""
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.get("verdict") or "(none)"] = counts.get(r.get("verdict") or "(none)", 0) + 1
+    verdicts = ", ".join(f"{n} {v}" for v, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    made = sum(r.get("renders") or 0 for r in records)
+    seconds = sum(r.get("check_seconds") or 0 for r in records)
+    return (f"preview-parity: {verdicts} ({len(records)} previews); {made} renders made, the rest from the render "
+            f"cache; {seconds:.1f} s checking")
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM (a killed CI job, `timeout`) into KeyboardInterrupt, so the report of what was done is
+    written as on Ctrl-C. Only from the main thread, and only where nobody else handles SIGTERM."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def set_threads() -> None:

@@ -61,5 +61,22 @@ def test_options_come_from_ini(pytester, small_root, tmp_path, render_cache):
 def test_bad_report_images_option_is_a_usage_error(pytester, small_root, tmp_path, render_cache):
     result = run_suite(pytester, small_root, tmp_path / "rep", render_cache, "--parity-report-images", "tiny")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*--parity-report-images: report images: unknown encoding 'tiny'; use one of "
-                                 "compact, lossless*"])
+    result.stderr.fnmatch_lines(["*--parity-report-images: 'tiny' is not one of compact, lossless*"])
+
+
+def test_verbose_shows_each_preview_with_its_seconds_and_a_summary(pytester, fast_root, tmp_path):
+    result = run_suite(pytester, fast_root, tmp_path / "rep", tmp_path / "cache", "--parity-dtype", "float32",
+                       "--parity-metrics", "")
+    result.assert_outcomes(failed=6)
+    result.stdout.fnmatch_lines(["*test_preview?tiny_qwen_image_edit_plus_lora_v1/0/0? FAILED (size mismatch *.*s)*",
+                                 "*preview-parity: 6 size mismatch (6 previews); 12 renders made, the rest from the "
+                                 "render cache; * s checking*"])
+
+
+def test_a_case_without_previews_is_a_row_not_a_crash(pytester, fast_root, tmp_path):
+    for p in (fast_root / "tiny_qwen_image_edit_plus_lora_v1" / "samples").iterdir():
+        p.unlink()
+    result = run_suite(pytester, fast_root, tmp_path / "rep", tmp_path / "cache")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*tiny_qwen_image_edit_plus_lora_v1/config: error*", "*holds no preview images*"])
+    assert len(pd.read_csv(tmp_path / "rep" / "parity.csv")) == 1

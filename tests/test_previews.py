@@ -43,20 +43,24 @@ def test_missing_step_checkpoint_names_the_file_and_the_fix():
     assert "max_step_saves_to_keep" in text
 
 
-def test_damaged_checkpoint_is_a_case_error(tmp_path):
+def test_damaged_final_checkpoint_is_reported_per_preview_not_for_the_case(tmp_path):
+    """A final file whose header is damaged is taken as the last step's (the config says which), and the
+    preflight's LoRA check reports it for the previews of that step only."""
+    from parity.preflight import lora_problems
+
     (tmp_path / "job.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    with pytest.raises(CaseError, match="not a readable .safetensors"):
-        index_checkpoints(tmp_path, "job")
+    assert index_checkpoints(tmp_path, "job") == {}
+    ckpts = index_checkpoints(tmp_path, "job", last_step=4)
+    assert ckpts[4].final and ckpts[4].step_from_config
+    [problem] = lora_problems(str(ckpts[4].path), None)
+    assert "not a readable .safetensors" in str(problem) and "job.safetensors" in str(problem)
 
 
-def test_optimizer_pickle_is_never_opened(tmp_path, monkeypatch):
+def test_misnamed_images_are_errors_other_files_are_skipped(tmp_path):
     case = tmp_path / "case"
-    shutil.copytree(V1, case)
-    (case / "optimizer.pt").write_bytes(b"\x80\x04 a pickle that must never be loaded")
-    import builtins
-    opened = []
-    real_open = builtins.open
-    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: (opened.append(str(f)), real_open(f, *a, **k))[1])
-    index_previews(case)
-    index_checkpoints(case, "tiny_qwen_image_edit_plus_lora_v1")
-    assert not any(p.endswith(".pt") for p in opened)
+    (case / "samples").mkdir(parents=True)
+    for name in ("renamed.jpg", "notes.txt", ".DS_Store"):
+        (case / "samples" / name).write_bytes(b"x")
+    previews, stray = index_previews(case)
+    assert not previews
+    assert {s.path.name: s.image for s in stray} == {"renamed.jpg": True, "notes.txt": False}

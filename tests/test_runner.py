@@ -90,3 +90,48 @@ def test_a_missing_input_is_not_blamed_on_inference(tmp_path, render_cache):
     assert record["verdict"] == "cannot reproduce preview"
     assert record["fidelity_verdict"] == "cannot reproduce preview" and record["fidelity_mean_abs"] > 1.0
     assert "an input is missing or different" in record["reason"] and "config" in record["reason"]
+
+
+def test_an_unexpected_exception_is_that_previews_error_row(fast_root, tmp_path, monkeypatch):
+    """A bug or an input nobody foresaw fails only its preview, with the exception's type and message."""
+    from parity import metrics
+
+    real = metrics.compare_preview
+    calls = []
+
+    def flaky(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ZeroDivisionError("something nobody foresaw")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(metrics, "compare_preview", flaky)
+    options = Options(cases=(fast_root,), report_dir=tmp_path / "rep", device="cpu", dtype="float32",
+                      cache_dir=tmp_path / "cache", metrics=())
+    records = run(options)
+    assert len(records) == 6 and len(pd.read_csv(tmp_path / "rep" / "parity.csv")) == 6
+    [bad] = [r for r in records if r["verdict"] == "error"]
+    assert bad["reason"].startswith(f"unexpected ZeroDivisionError while checking {fast_root}")
+    assert "something nobody foresaw" in bad["reason"] and "test_runner.py" in bad["reason"]
+    assert {r["verdict"] for r in records if r is not bad} == {"size mismatch"}
+
+
+def test_html_and_long_unicode_prompts_are_rendered_and_escaped(fast_root, tmp_path):
+    import yaml
+
+    config = fast_root / "tiny_qwen_image_edit_plus_lora_v1" / "config.yaml"
+    doc = yaml.safe_load(config.read_text())
+    prompt = "<script>alert('x')</script> <b>bold</b> & " + "日本語のプロンプト 🎨 ünïcödé " * 59 + "終わり"  # ~1300 chars
+    doc["config"]["process"][0]["sample"]["samples"][0]["prompt"] = prompt
+    config.write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+    options = Options(cases=(fast_root,), report_dir=tmp_path / "rep", device="cpu", dtype="float32",
+                      cache_dir=tmp_path / "cache", metrics=())
+    records = {r["id"]: r for r in run(options)}
+    row = records["tiny_qwen_image_edit_plus_lora_v1/0/0"]
+    assert row["verdict"] == "size mismatch" and row["prompt"] == prompt  # rendered, the prompt kept whole
+    csv = pd.read_csv(tmp_path / "rep" / "parity.csv").set_index("id")
+    assert csv.loc["tiny_qwen_image_edit_plus_lora_v1/0/0", "prompt"] == prompt
+    for page in [tmp_path / "rep" / "index.html", *(tmp_path / "rep" / "cases").glob("*.html")]:
+        html = page.read_text()
+        assert "<script>alert" not in html and "<b>bold</b>" not in html, page
+        assert "&lt;script&gt;alert(" in html and "日本語のプロンプト 🎨" in html, page

@@ -1,0 +1,220 @@
+"""Plan a run: every preview of every case, with its two recipes, or every problem that stops it.
+
+case -> (preflight) -> recipes. Nothing is rendered or loaded here: the model is only located (a local folder,
+or the local Hugging Face cache), LoRA files and images are checked by their headers, so a run over broken
+cases reports all of their problems in seconds. A broken case is an error for that case, never for the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import preflight
+from .aitk_config import SampleItem, TrainingJob
+from .case import BrokenCase, Case, discover
+from .errors import CaseError
+from .options import Options
+from .previews import Preview, index_checkpoints, index_previews, lora_for_step
+from .recipe import (Recipe, reference_control_images, reference_recipe, training_control_images,
+                     training_recipe)
+
+SUPPORTED_ARCHS = ("qwen_image_edit_plus",)
+
+
+@dataclass
+class Task:
+    """One preview to check: everything except the pixels."""
+
+    id: str
+    case: str
+    case_folder: Path
+    preview: Path | None
+    step: int | None = None
+    index: int | None = None
+    model: str | None = None
+    training: Recipe | None = None
+    reference: Recipe | None = None
+    thresholds: dict = field(default_factory=dict)
+    accept: tuple[str, ...] = ()
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def model_for(case: Case, job: TrainingJob, options: Options) -> str:
+    if options.model:
+        return options.model
+    if case.settings.model:
+        return case.settings.model
+    name = job.model_name_or_path
+    for prefix, target in case.settings.paths:  # a training-machine folder mapped by `paths:`
+        if name == prefix or name.startswith(prefix + "/"):
+            return str(target / name[len(prefix):].lstrip("/"))
+    return name
+
+
+def scheduler_config(folder: str) -> dict:
+    """The model's scheduler config, read from its local folder (preflight.locate_model found it)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    try:
+        return dict(FlowMatchEulerDiscreteScheduler.load_config(folder, subfolder="scheduler",
+                                                                local_files_only=Path(folder).is_dir()))
+    except (OSError, ValueError) as exc:
+        raise CaseError(folder, f"cannot read the model's scheduler config ({exc.__class__.__name__})",
+                        "point `model:` in parity.yaml at a complete diffusers folder (scheduler/ included)") from None
+
+
+@dataclass
+class CaseInputs:
+    """What every preview of a case shares: the job, the model, its scheduler, the checkpoints."""
+
+    job: TrainingJob
+    model: str
+    model_folder: str | None  # None: the model is not here (its problem is in `problems`)
+    scheduler: dict | None
+    checkpoints: dict
+    problems: list[CaseError]
+
+
+def case_inputs(case: Case, options: Options) -> CaseInputs:
+    """Read the config (a CaseError stops the case), then check the model and the arch, collecting problems."""
+    job = case.job()
+    model = model_for(case, job, options)
+    problems: list[CaseError] = []
+    if job.arch and job.arch not in SUPPORTED_ARCHS:
+        problems.append(CaseError(job.path, f"model.arch is {job.arch!r}; this harness models "
+                                  f"{', '.join(SUPPORTED_ARCHS)} (Qwen-Image-Edit-2509)",
+                                  "use a Qwen-Image-Edit-2509 (qwen_image_edit_plus) training run"))
+    folder = scheduler = None
+    try:
+        folder = preflight.locate_model(model)
+        scheduler = scheduler_config(folder) if Path(folder).is_dir() else None
+    except CaseError as err:
+        problems.append(err)
+        folder = None
+    checkpoints = index_checkpoints(case.folder, job.name, job.train_steps)
+    return CaseInputs(job, model, folder if folder and Path(folder).is_dir() else None, scheduler, checkpoints,
+                      problems)
+
+
+def preview_problems(case: Case, inputs: CaseInputs, pv: Preview) -> tuple[SampleItem | None, list[CaseError]]:
+    """Every problem of one preview (its file, its prompt, its size, its LoRA, its control images)."""
+    job, problems = inputs.job, []
+    try:
+        preflight.check_image(pv.path, "preview image",
+                              "copy the preview again from the training machine, or delete it")
+    except CaseError as err:
+        problems.append(err)
+    if pv.index >= len(job.items):
+        problems.append(CaseError(pv.path, f"sample index {pv.index} but the config has {len(job.items)} prompts",
+                                  "use the config of the run that wrote this preview"))
+        return None, problems
+    item = job.items[pv.index]
+    where = f"sample item {item.index}"
+    problems += preflight.size_problems(job.path, where, item.width, item.height,
+                                        (item.requested_width, item.requested_height))
+    try:
+        ckpt = lora_for_step(case.folder, job.name, pv.step, inputs.checkpoints)
+        if ckpt is not None:
+            problems += preflight.lora_problems(str(ckpt.path), inputs.model_folder)
+    except CaseError as err:
+        problems.append(err)
+    prompt_imgs, vae_imgs = training_control_images(item)
+    for path in dict.fromkeys((*prompt_imgs, *vae_imgs, *reference_control_images(item))):
+        try:
+            local = case.resolve(path, "control image")
+            preflight.check_image(local, f"control image ({path})",
+                                  "replace it with the control image the training used (PNG or JPEG)")
+        except CaseError as err:
+            problems.append(err)
+    return item, problems
+
+
+def case_tasks(case: Case, options: Options) -> list[Task]:
+    previews, stray = index_previews(case.folder)
+    try:
+        inputs = case_inputs(case, options)
+    except CaseError as err:
+        return [error_task(case.name, case.folder, pv, str(err)) for pv in previews] or \
+               [error_task(case.name, case.folder, None, str(err))]
+    thresholds = {**options.thresholds, **case.settings.thresholds}
+    tasks: list[Task] = []
+    for pv in previews:
+        task = Task(id=f"{case.name}/{pv.step}/{pv.index}", case=case.name, case_folder=case.folder,
+                    preview=pv.path, step=pv.step, index=pv.index, model=inputs.model, thresholds=thresholds,
+                    accept=case.settings.accept)
+        item, problems = preview_problems(case, inputs, pv)
+        problems = inputs.problems + problems
+        if problems:
+            task.error = preflight.joined(problems)
+        else:
+            try:
+                build_recipes(task, case, inputs, pv, item, options)
+            except CaseError as err:
+                task.error = str(err)
+        tasks.append(task)
+    for s in stray:
+        task = Task(id=f"{case.name}/stray/{s.path.name}", case=case.name, case_folder=case.folder,
+                    preview=s.path, error=f"{s.path}: {s.reason}")
+        if not s.image:
+            task.notes.append("skipped")  # not an image: listed, not an error
+        tasks.append(task)
+    if not previews and not stray:
+        tasks.append(error_task(case.name, case.folder, None, str(CaseError(
+            case.folder / "samples", "holds no preview images (ai-toolkit names them <ms>__<step:09d>_<i>.jpg)",
+            "copy the samples/ folder of the run from the training machine"))))
+    # Two previews with the same step and index (a resumed run): keep both, tell them apart.
+    seen: dict[str, int] = {}
+    for t in tasks:
+        seen[t.id] = seen.get(t.id, 0) + 1
+    for t in tasks:
+        if seen[t.id] > 1 and t.preview is not None:
+            t.id += f"/{t.preview.stem.split('__')[0]}"
+    return tasks
+
+
+def build_recipes(task: Task, case: Case, inputs: CaseInputs, pv: Preview, item: SampleItem,
+                  options: Options) -> None:
+    job = inputs.job
+    ckpt = lora_for_step(case.folder, job.name, pv.step, inputs.checkpoints)
+    lora = str(ckpt.path) if ckpt else None
+    if ckpt is None:
+        task.notes.append("step 0: rendered without the LoRA (an untrained LoRA has a zero up-matrix)")
+    elif ckpt.step_from_config:
+        task.notes.append(f"{ckpt.path.name} has no ai-toolkit metadata: taken as the last step's "
+                          f"({pv.step}, train.steps in the config)")
+    # ai-toolkit merges the LoRA only when every prompt uses the same multiplier and the base is not quantized.
+    merged = len({it.network_multiplier for it in job.items}) == 1 and not job.quantize
+    task.training = training_recipe(job, item, lora, case.resolve, lora_merged=merged)
+    task.reference = reference_recipe(job, item, lora, case.resolve, scheduler=inputs.scheduler,
+                                      device=options.device, dtype=options.dtype)
+    if job.unknown:
+        task.notes.append("config keys not modelled: " + ", ".join(job.unknown))
+
+
+def error_task(case: str, folder: Path, pv: Preview | None, message: str) -> Task:
+    ident = f"{case}/{pv.step}/{pv.index}" if pv else f"{case}/config"
+    return Task(id=ident, case=case, case_folder=folder, preview=pv.path if pv else None,
+                step=pv.step if pv else None, index=pv.index if pv else None, error=message)
+
+
+def plan(options: Options) -> list[Task]:
+    """Every preview of every case under the roots, with its recipes (or every problem that stops it)."""
+    tasks: list[Task] = []
+    for case in discover(list(options.cases)):
+        if isinstance(case, BrokenCase):
+            previews, _ = index_previews(case.folder)
+            tasks += [error_task(case.name, case.folder, pv, str(case.error)) for pv in previews] or \
+                [error_task(case.name, case.folder, None, str(case.error))]
+            continue
+        try:
+            tasks += case_tasks(case, options)
+        except Exception as exc:  # a bug or an input nobody foresaw: that case errors, the run goes on
+            tasks.append(error_task(case.name, case.folder, None,
+                                    f"{case.config_path}: unexpected {exc.__class__.__name__} while reading the "
+                                    f"case: {exc}"))
+    if options.shard:
+        i, n = options.shard
+        tasks = [t for k, t in enumerate(tasks) if k % n == i - 1]
+    return tasks

@@ -1,0 +1,87 @@
+"""One option table: the pytest flags and ini keys, `parity run`'s arguments and the README's table all come
+from `parity.options.SETTINGS`, and the same values give the same Options through either front end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from parity import options as table
+from parity.cli import parser
+
+pytest_plugins = ["pytester"]
+
+# A value other than the default for every setting, as a person would type it.
+VALUES = {"cases": ["a", "b"], "report_dir": "rep", "report_images": "lossless", "device": "cuda:1",
+          "dtype": "float32", "model": "/models/x", "cache_dir": "cache", "ssim_min": "0.5", "mean_abs_max": "2",
+          "max_abs_max": "30", "psnr_min": "35", "explain": "all", "metric": "ssim", "reverse": True,
+          "noise_floor": True, "floor": "0.25", "metrics": "stlpips_alex", "lpips_weights": "/w/alexnet.pth",
+          "goldens": "gold", "update_goldens": True, "accept": "cfg_norm control_prompt_resize",
+          "deterministic": True, "shard": "2/3"}
+
+
+def test_every_setting_has_a_test_value():
+    assert set(VALUES) == {s.name for s in table.SETTINGS}
+
+
+def cli_args() -> list[str]:
+    args = ["run", *VALUES["cases"]]
+    for s in table.SETTINGS:
+        if s.cli:
+            args += [s.cli_flag] if s.kind == "flag" else [s.cli_flag, VALUES[s.name]]
+    return args
+
+
+class FakeConfig:
+    """What the plugin reads from pytest's config: command-line values here, ini empty."""
+
+    def __init__(self, values: dict, rootpath: Path):
+        self.values, self.rootpath = values, rootpath
+
+    def getoption(self, name):
+        return self.values.get(name.removeprefix("parity_"))
+
+    def getini(self, name):
+        s = table.BY_NAME[name.removeprefix("parity_")]
+        return False if s.kind == "flag" else [s.default] if s.kind == "paths" else s.default
+
+
+def test_both_front_ends_give_the_same_options(tmp_path):
+    from_cli = table.from_argparse(parser().parse_args(cli_args()), root=tmp_path)
+    from_pytest = table.from_pytest(FakeConfig(VALUES, tmp_path))
+    assert from_cli == from_pytest
+    defaults = table.build({}, tmp_path)
+    changed = [name for name in table.Options.__dataclass_fields__
+               if getattr(from_cli, name) != getattr(defaults, name)]
+    # every option took the value given (fidelity_floor is the harness' own, not an option)
+    assert set(changed) == set(table.Options.__dataclass_fields__) - {"fidelity_floor"}
+    assert from_cli.thresholds == {"ssim_min": 0.5, "mean_abs_max": 2.0, "max_abs_max": 30.0, "psnr_min": 35.0}
+    assert from_cli.shard == (2, 3) and from_cli.cases == (tmp_path / "a", tmp_path / "b")
+
+
+def test_cli_help_lists_every_option():
+    text = parser()._subparsers._group_actions[0].choices["run"].format_help()
+    for s in table.SETTINGS:
+        if s.cli:
+            assert s.cli_flag in text, s.name
+
+
+def test_pytest_help_lists_every_flag_and_ini_key(pytester):
+    result = pytester.runpytest_subprocess("--help")
+    text = result.stdout.str()
+    for s in table.SETTINGS:
+        assert s.flag in text and s.ini in text, s.name
+
+
+def test_readme_table_is_the_generated_one():
+    assert table.markdown_table() in (ROOT / "README.md").read_text(), \
+        "README's option table is stale: paste `python -m parity.options` into it"
+
+
+def test_bad_values_name_the_option_as_each_front_end_spells_it(tmp_path):
+    with pytest.raises(table.OptionError, match="--parity-floor: takes a number, not 'low'"):
+        table.build({"floor": "low"}, tmp_path)
+    with pytest.raises(table.OptionError, match=r"--shard: takes I/N \(e.g. 2/4\), not '3'"):
+        table.from_argparse(parser().parse_args(["run", "x", "--shard", "3"]), root=tmp_path)
