@@ -8,6 +8,7 @@ run-time or merged LoRA, VAE tiling, the transposed prompt-encoder resize) are r
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from dataclasses import dataclass
 
@@ -104,24 +105,31 @@ def control_latents(loaded: LoadedModel, path: str, image: Image.Image, size: tu
     from .recipe import file_digest
 
     key = (file_digest(path), size, tiling, kernels)
-    if key in loaded.latent_cache:
-        return loaded.latent_cache[key]
-    # On disk too (a bf16 encode of a ~1024x1024 image takes minutes on a CPU without native bf16): keyed by
-    # the model, device, dtype and library versions as well, since all of them change the latents' bits.
-    name = None
-    if loaded.disk_cache is not None:
-        name = "vae-" + digest(key, loaded.identity())
-        cached = loaded.disk_cache.get_tensor(name)
-        if cached is not None:
-            loaded.latent_cache[key] = cached.to(device=loaded.device, dtype=loaded.dtype)
-            return loaded.latent_cache[key]
-    w, h = size
-    pixels = loaded.pipe.image_processor.preprocess(image, h, w).unsqueeze(2)
-    pixels = pixels.to(device=loaded.device, dtype=loaded.dtype)
-    latents = loaded.pipe._encode_vae_image(image=pixels, generator=generator)
-    if name is not None:
-        loaded.disk_cache.put_tensor(name, latents)
-    loaded.latent_cache[key] = latents
+    if key not in loaded.latent_cache:
+        w, h = size
+        pixels = loaded.pipe.image_processor.preprocess(image, h, w).unsqueeze(2)
+        pixels = pixels.to(device=loaded.device, dtype=loaded.dtype)
+        loaded.latent_cache[key] = encode_vae(loaded, pixels, generator, tiling, kernels)
+    return loaded.latent_cache[key]
+
+
+def encode_vae(loaded: LoadedModel, pixels: torch.Tensor, generator, tiling: bool, kernels: str,
+               encode=None) -> torch.Tensor:
+    """`pipe._encode_vae_image(pixels)` (or `encode`, the same method of another instance of the model),
+    remembered on disk by the exact pixels encoded: a bf16 encode of a ~1024x1024 image takes minutes on a CPU
+    without native bf16, and later processes and runs need the same latents. The key holds the pixels' bytes,
+    tiling and kernels, and the model, device, dtype and library versions, since all of them decide the bits."""
+    encode = encode or loaded.pipe._encode_vae_image
+    if loaded.disk_cache is None:
+        return encode(image=pixels, generator=generator)
+    data = pixels.detach().to("cpu").contiguous()
+    content = hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()
+    name = "vae-" + digest(content, list(data.shape), str(data.dtype), tiling, kernels, loaded.identity())
+    cached = loaded.disk_cache.get_tensor(name)
+    if cached is not None:
+        return cached.to(device=loaded.device, dtype=loaded.dtype)
+    latents = encode(image=pixels, generator=generator)
+    loaded.disk_cache.put_tensor(name, latents)
     return latents
 
 

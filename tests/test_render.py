@@ -18,12 +18,20 @@ from test_recipe import RUNS, recipes
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-def stock_reference(tiny_model: str, dtype: torch.dtype, r) -> Image.Image:
-    """What ai-toolkit-inference does for this request, written out by hand against stock Diffusers."""
+def stock_reference(tiny_model: str, dtype: torch.dtype, r, ours) -> Image.Image:
+    """What ai-toolkit-inference does for this request, written out by hand against stock Diffusers.
+
+    The stock pipeline's own VAE encode of each control image goes through the harness' on-disk memo of
+    `_encode_vae_image` (render.encode_vae), keyed by the exact bytes of the pixels it is given: a hit proves
+    the stock preprocessing produced the very pixels the harness encoded, and spares a bf16 encode that takes
+    minutes on a CPU without native bf16. A miss runs the stock method itself."""
     from diffusers import QwenImageEditPlusPipeline
     from diffusers.utils.peft_utils import set_weights_and_activate_adapters
 
     pipe = QwenImageEditPlusPipeline.from_pretrained(tiny_model, torch_dtype=dtype)
+    stock_encode = pipe._encode_vae_image
+    pipe._encode_vae_image = lambda image, generator: render.encode_vae(ours, image, generator, False, "default",
+                                                                        encode=stock_encode)
     if r.lora:
         pipe.load_lora_weights(r.lora, adapter_name="lora")
         set_weights_and_activate_adapters(pipe.transformer, ["lora"], [r.multiplier])
@@ -46,13 +54,14 @@ def stock_reference(tiny_model: str, dtype: torch.dtype, r) -> Image.Image:
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_reference_render_equals_stock_pipeline_bit_for_bit(tiny_model, dtype):
+def test_reference_render_equals_stock_pipeline_bit_for_bit(tiny_model, dtype, render_cache):
     # v1 step 2, prompt 2: two non-square control images, multiplier 0.5, 300x200 requested.
     pv, _, r = recipes("tiny_qwen_image_edit_plus_lora_v1")[5]
     r = r.with_fields(dtype=dtype)
     assert r.lora and r.multiplier == 0.5 and len(r.control_images_vae) == 2
-    ours = render.render(pipeline.load(tiny_model, "cpu", dtype), r)
-    stock = stock_reference(tiny_model, pipeline.DTYPES[dtype], r)
+    loaded = pipeline.load(tiny_model, "cpu", dtype, cache_dir=render_cache)
+    ours = render.render(loaded, r)
+    stock = stock_reference(tiny_model, pipeline.DTYPES[dtype], r, loaded)
     assert ours.size == stock.size == (288, 192)
     assert np.array_equal(np.asarray(ours), np.asarray(stock))
 
@@ -91,16 +100,27 @@ def test_rotary_buffers_are_restored(tiny_model):
 
 
 @pytest.mark.parametrize("run,call", [("tiny_qwen_image_edit_plus_lora_v1", 4), ("tiny_qwen_edit_plus_parity_a", 6)])
-def test_training_render_is_within_kernel_noise_of_the_recorded_preview(tiny_model, run, call):
+def test_training_render_is_within_kernel_noise_of_the_recorded_preview(tiny_model, run, call, render_cache):
     """Not bit-exact: this CPU's bf16 kernels differ from the recording machine's. Changing only which kernels
     run here (ATEN_CPU_CAPABILITY, oneDNN ISA, the math SDPA kernel) moves the image by the same max 4-6 / mean
     ~0.4 levels, so this bound is the kernel-noise level, asserted so that a real recipe regression shows."""
     _, t, _ = recipes(run)[call]
-    ours = np.asarray(render.render(pipeline.load(tiny_model, "cpu", "bfloat16"), t), dtype=int)
+    ours = np.asarray(render.render(pipeline.load(tiny_model, "cpu", "bfloat16", cache_dir=render_cache), t), int)
     recorded = np.asarray(Image.open(TRACES / run / f"call{call:02d}_preview_lossless.png").convert("RGB"), int)
     d = np.abs(ours - recorded)
     assert d.max() <= 6 and d.mean() < 0.5
+
+
+def test_math_attention_render_is_kernel_noise_and_leaks_into_no_later_render(tiny_model, render_cache):
+    """The noise floor's render: the same recipe through the math attention kernel moves the image by the
+    kernel-noise amount, and a model that made it renders the next recipe as a fresh one would. (v1 step 2,
+    prompt 0: one control image, whose math-kernel latents the attribution test shares.)"""
+    from parity.cache import open_cache
+
+    _, t, _ = recipes("tiny_qwen_image_edit_plus_lora_v1")[3]
+    ours = np.asarray(render.render(pipeline.load(tiny_model, "cpu", "bfloat16", cache_dir=render_cache), t), int)
     fresh = pipeline.LoadedModel(tiny_model, "cpu", "bfloat16")
+    fresh.disk_cache = open_cache(render_cache)
     noise = np.asarray(render.render(fresh, t, math_attention=True), int)  # the first render on this model ...
     assert 0 < np.abs(noise - ours).mean() < 0.6  # the same recipe through another kernel: the same order
     assert np.array_equal(np.asarray(render.render(fresh, t), int), ours)  # ... leaks into no later render
