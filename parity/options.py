@@ -91,7 +91,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("mean_abs_max", "default mean-abs-difference threshold, 0-255 levels", "", "float", shown_default="unset"),
     Setting("max_abs_max", "default max-abs-difference threshold, 0-255 levels", "", "float", shown_default="unset"),
     Setting("psnr_min", "default PSNR threshold, dB", "", "float", shown_default="unset"),
-    Setting("explain", "attribution (counterfactual renders) for: failed | all | none previews", "failed", "choice",
+    Setting("explain", "attribution (counterfactual renders) for failed, all or no previews", "failed", "choice",
             ("failed", "all", "none")),
     Setting("metric", "distance attribution ranks causes by", "mean_abs", "choice",
             ("mean_abs", "max_abs", "ssim", "psnr")),
@@ -239,7 +239,7 @@ def from_argparse(args: argparse.Namespace, root: Path | None = None, **fixed) -
 
 
 def _choices(s: Setting) -> str:
-    return f" [{' | '.join(s.choices)}]" if s.choices else ""
+    return f" [{', '.join(s.choices)}]" if s.choices else ""
 
 
 def markdown_table() -> str:
