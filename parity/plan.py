@@ -193,8 +193,8 @@ def build_recipes(task: Task, case: Case, inputs: CaseInputs, pv: Preview, item:
         task.notes.append("config keys not modelled: " + ", ".join(job.unknown))
 
 
-def error_task(case: str, folder: Path, pv: Preview | None, message: str) -> Task:
-    ident = f"{case}/{pv.step}/{pv.index}" if pv else f"{case}/config"
+def error_task(case: str, folder: Path, pv: Preview | None, message: str, what: str = "config") -> Task:
+    ident = f"{case}/{pv.step}/{pv.index}" if pv else f"{case}/{what}"
     return Task(id=ident, case=case, case_folder=folder, preview=pv.path if pv else None,
                 step=pv.step if pv else None, index=pv.index if pv else None, error=message)
 
@@ -202,7 +202,20 @@ def error_task(case: str, folder: Path, pv: Preview | None, message: str) -> Tas
 def plan(options: Options) -> list[Task]:
     """Every preview of every case under the roots, with its recipes (or every problem that stops it)."""
     tasks: list[Task] = []
-    for case in discover(list(options.cases)):
+    cases: list = []
+    for root in options.cases:
+        try:
+            found = discover([root])
+        except CaseError as err:
+            found = []
+            tasks.append(error_task(Path(root).name, Path(root), None, str(err), "cases root"))
+            continue
+        if not found:
+            tasks.append(error_task(Path(root).name, Path(root), None, str(CaseError(
+                root, "holds no ai-toolkit output folder (a folder with a trainer config and samples/)",
+                "pass the training output folder (or a folder holding several)")), "cases root"))
+        cases += [c for c in found if c.folder not in {k.folder for k in cases}]
+    for case in sorted(cases, key=lambda c: c.folder):
         if isinstance(case, BrokenCase):
             previews, _ = index_previews(case.folder)
             tasks += [error_task(case.name, case.folder, pv, str(case.error)) for pv in previews] or \

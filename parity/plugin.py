@@ -17,6 +17,7 @@ import pytest
 
 from . import options as table
 from .options import OptionError
+from .plan import Task
 from .runner import Checker, plan, set_threads, stop_on_sigterm, summary_line
 
 
@@ -56,8 +57,8 @@ class ParityPlugin:
     def pytest_collection_modifyitems(self, items):
         gpu = self.options.device.startswith("cuda")
         for item in items:
-            if "parity_task" in getattr(item, "fixturenames", ()):
-                task = item.callspec.params["parity_task"]
+            task = getattr(getattr(item, "callspec", None), "params", {}).get("parity_task")
+            if isinstance(task, Task):
                 item.add_marker(pytest.mark.parity)
                 # pytest-xdist --dist loadgroup: one worker per model and case, so each loads a pipeline once
                 item.add_marker(pytest.mark.xdist_group(f"{task.model}|{task.case}"))

@@ -80,3 +80,11 @@ def test_a_case_without_previews_is_a_row_not_a_crash(pytester, fast_root, tmp_p
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*tiny_qwen_image_edit_plus_lora_v1/config: error*", "*holds no preview images*"])
     assert len(pd.read_csv(tmp_path / "rep" / "parity.csv")) == 1
+
+
+def test_a_root_without_cases_is_a_failed_item_not_an_internal_error(pytester, tmp_path):
+    (tmp_path / "nothing").mkdir()
+    result = run_suite(pytester, tmp_path / "nothing", tmp_path / "rep", tmp_path / "cache")
+    result.assert_outcomes(failed=1)
+    assert "INTERNALERROR" not in result.stdout.str()
+    result.stdout.fnmatch_lines(["*nothing/cases root: error*", "*holds no ai-toolkit output folder*"])

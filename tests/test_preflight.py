@@ -260,3 +260,11 @@ def test_size_limits(width, height, expect):
     assert len(problems) == len(expect)
     for p, word in zip(problems, expect):
         assert word in str(p)
+
+
+def test_a_root_without_cases_or_missing_is_a_row(tmp_path):
+    (tmp_path / "empty").mkdir()
+    tasks = plan(Options(cases=(tmp_path / "empty", tmp_path / "missing"), device="cpu"))
+    assert [t.id for t in tasks] == ["empty/cases root", "missing/cases root"]
+    assert "holds no ai-toolkit output folder" in tasks[0].error and "fix:" in tasks[0].error
+    assert "does not exist" in tasks[1].error
