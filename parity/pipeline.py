@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import CaseError
+from .kernels import bf16_conv_mode
 from .preflight import LORA_PREFIX, locate_model
 from .recipe import LORA_MERGED_FP32, LORA_PEFT, LORA_RUNTIME_FP32
 
@@ -53,6 +54,7 @@ class LoadedModel:
         self._adapter: tuple[str, str] | None = None  # (lora file, adapter name) loaded through PEFT
         self.latent_cache: dict[tuple, torch.Tensor] = {}  # control-image VAE latents (render.control_latents)
         self.disk_cache = None  # cache.DiskCache shared across processes and runs, set by load()
+        self.conv_mode = bf16_conv_mode(device)  # kernels.py: bf16 convolutions on a CPU without native bf16
 
     def identity(self) -> dict:
         """What decides this model's outputs besides the inputs: for on-disk cache keys."""
@@ -60,7 +62,8 @@ class LoadedModel:
         import transformers
 
         weights = sorted(Path(self.model).glob("*/*.safetensors")) if Path(self.model).is_dir() else []
-        return {"model": self.model, "device": self.device, "dtype": str(self.dtype), "torch": torch.__version__,
+        return {"model": self.model, "device": self.device, "dtype": str(self.dtype), "conv": self.conv_mode,
+                "torch": torch.__version__,
                 "diffusers": diffusers.__version__, "transformers": transformers.__version__,
                 "weights": [(p.parent.name, p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights]}
 

@@ -89,7 +89,7 @@ def case_inputs(case: Case, options: Options) -> CaseInputs:
     folder = scheduler = None
     try:
         folder = preflight.locate_model(model)
-        scheduler = scheduler_config(folder) if Path(folder).is_dir() else None
+        scheduler = scheduler_config(folder)  # a reachable, uncached hub id: its small json is downloaded
     except CaseError as err:
         problems.append(err)
         folder = None

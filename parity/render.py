@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .cache import digest
 from .errors import CaseError
+from .kernels import cpu_bf16_convolutions
 from .pipeline import DTYPES, LoadedModel
 from .preprocess import VAE_RESIZE, UnknownRule, prompt_size, vae_size
 from .recipe import Recipe
@@ -113,13 +114,12 @@ def control_latents(loaded: LoadedModel, path: str, image: Image.Image, size: tu
     return loaded.latent_cache[key]
 
 
-def encode_vae(loaded: LoadedModel, pixels: torch.Tensor, generator, tiling: bool, kernels: str,
-               encode=None) -> torch.Tensor:
-    """`pipe._encode_vae_image(pixels)` (or `encode`, the same method of another instance of the model),
-    remembered on disk by the exact pixels encoded: a bf16 encode of a ~1024x1024 image takes minutes on a CPU
-    without native bf16, and later processes and runs need the same latents. The key holds the pixels' bytes,
-    tiling and kernels, and the model, device, dtype and library versions, since all of them decide the bits."""
-    encode = encode or loaded.pipe._encode_vae_image
+def encode_vae(loaded: LoadedModel, pixels: torch.Tensor, generator, tiling: bool, kernels: str) -> torch.Tensor:
+    """`pipe._encode_vae_image(pixels)`, remembered on disk by the exact pixels encoded: a ~1024x1024 encode is
+    the costliest step of a small render, and later processes and runs need the same latents. The key holds the
+    pixels' bytes, tiling and kernels, and the model, device, dtype, convolution mode and library versions, since
+    all of them decide the bits."""
+    encode = loaded.pipe._encode_vae_image
     if loaded.disk_cache is None:
         return encode(image=pixels, generator=generator)
     data = pixels.detach().to("cpu").contiguous()
@@ -155,12 +155,13 @@ def render(loaded: LoadedModel, recipe: Recipe, capture: RenderCapture | None = 
     `math_attention` runs attention through PyTorch's reference (math) SDPA kernel instead of the fused one:
     the same recipe through other kernels, which is how the noise floor is measured.
     """
-    if not math_attention:
-        return _render(loaded, recipe, capture, kernels="default")
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with cpu_bf16_convolutions(loaded.conv_mode):
+        if not math_attention:
+            return _render(loaded, recipe, capture, kernels="default")
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel([SDPBackend.MATH]):
-        return _render(loaded, recipe, capture, kernels="math-attention")
+        with sdpa_kernel([SDPBackend.MATH]):
+            return _render(loaded, recipe, capture, kernels="math-attention")
 
 
 @torch.no_grad()

@@ -72,8 +72,10 @@ def environment(device: str) -> dict[str, str]:
     import transformers
 
     gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else ""
+    from .kernels import bf16_conv_mode
+
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "device": device, "gpu": gpu}
+            "peft": peft.__version__, "device": device, "gpu": gpu, "cpu_bf16_conv": bf16_conv_mode(device)}
 
 
 class Checker:

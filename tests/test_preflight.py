@@ -28,6 +28,14 @@ NAME = V1.name
 SECONDS = 20  # per broken case, when nothing needs rendering (the issue's bound)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def imported():
+    """Import the libraries once (diffusers, transformers, peft: ~10 s cold), so a case's seconds are its own."""
+    from parity.runner import environment
+
+    environment("cpu")
+
+
 def tree_digest(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}

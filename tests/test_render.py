@@ -13,25 +13,19 @@ from safetensors.torch import load_file
 
 from conftest import TRACES
 from parity import pipeline, render
+from parity.kernels import cpu_bf16_convolutions
 from test_recipe import RUNS, recipes
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 def stock_reference(tiny_model: str, dtype: torch.dtype, r, ours) -> Image.Image:
-    """What ai-toolkit-inference does for this request, written out by hand against stock Diffusers.
-
-    The stock pipeline's own VAE encode of each control image goes through the harness' on-disk memo of
-    `_encode_vae_image` (render.encode_vae), keyed by the exact bytes of the pixels it is given: a hit proves
-    the stock preprocessing produced the very pixels the harness encoded, and spares a bf16 encode that takes
-    minutes on a CPU without native bf16. A miss runs the stock method itself."""
+    """What ai-toolkit-inference does for this request, written out by hand against stock Diffusers, run with
+    the same CPU convolution kernels as the harness' render (`ours.conv_mode`, parity/kernels.py)."""
     from diffusers import QwenImageEditPlusPipeline
     from diffusers.utils.peft_utils import set_weights_and_activate_adapters
 
     pipe = QwenImageEditPlusPipeline.from_pretrained(tiny_model, torch_dtype=dtype)
-    stock_encode = pipe._encode_vae_image
-    pipe._encode_vae_image = lambda image, generator: render.encode_vae(ours, image, generator, False, "default",
-                                                                        encode=stock_encode)
     if r.lora:
         pipe.load_lora_weights(r.lora, adapter_name="lora")
         set_weights_and_activate_adapters(pipe.transformer, ["lora"], [r.multiplier])
@@ -46,6 +40,11 @@ def stock_reference(tiny_model: str, dtype: torch.dtype, r, ours) -> Image.Image
                                                        mode="bilinear"))
     pe, pm = pipe.encode_prompt(r.prompt, image=tensors, device="cpu", num_images_per_prompt=1)
     ne, nm = pipe.encode_prompt(r.negative_prompt, image=tensors, device="cpu", num_images_per_prompt=1)
+    with cpu_bf16_convolutions(ours.conv_mode):  # the same convolution kernels as the harness' render
+        return _stock_call(pipe, images, pe, pm, ne, nm, r)
+
+
+def _stock_call(pipe, images, pe, pm, ne, nm, r) -> Image.Image:
     ones = lambda e: torch.ones(e.shape[:2], dtype=torch.int64)  # noqa: E731
     return pipe(image=images, prompt_embeds=pe, prompt_embeds_mask=ones(pe) if pm is None else pm,
                 negative_prompt_embeds=ne, negative_prompt_embeds_mask=ones(ne) if nm is None else nm,
