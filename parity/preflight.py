@@ -231,4 +231,4 @@ def joined(problems: list[CaseError]) -> str:
     texts = list(dict.fromkeys(str(p) for p in problems))
     if len(texts) == 1:
         return texts[0]
-    return f"{len(texts)} problems: " + " ".join(f"({i}) {t}" for i, t in enumerate(texts, 1))
+    return f"{len(texts)} problems:" + "".join(f"\n({i}) {t}" for i, t in enumerate(texts, 1))

@@ -197,7 +197,7 @@ def test_every_problem_of_a_preview_in_one_message(tmp_path):
     control(case, "ctrl_c.png").write_bytes(b"")
     edit(case / "config.yaml", "        width: 300\n", "        width: 8\n")
     [task] = [t for t in plan(Options(cases=(root,), device="cpu")) if t.id == f"{NAME}/2/2"]
-    assert task.error.startswith("3 problems: (1) ")
+    assert task.error.startswith("3 problems:\n(1) ") and "\n(3) " in task.error
     assert "width is 8 px" in task.error and "ctrl_c.png" in task.error and "no LoRA checkpoint" in task.error
 
 
