@@ -11,7 +11,8 @@ from PIL import Image
 from conftest import run_suite
 
 pytest_plugins = ["pytester"]
-STABLE = lambda frame: frame.drop(columns=["render_seconds"]).sort_values("id").reset_index(drop=True)  # noqa: E731
+TIMINGS = ["render_seconds", "check_seconds"]
+STABLE = lambda frame: frame.drop(columns=TIMINGS).sort_values("id").reset_index(drop=True)  # noqa: E731
 
 
 def outcome_lines(result) -> str:
@@ -109,4 +110,4 @@ def test_deterministic_switch_is_applied_and_recorded(monkeypatch):
 def test_shard_option_is_validated(pytester, small_root, tmp_path, render_cache):
     result = run_suite(pytester, small_root, tmp_path / "r", render_cache, "--parity-shard", "3/2")
     assert result.ret != 0
-    result.stderr.fnmatch_lines(["*--parity-shard 3/2: I must be between 1 and N*"])
+    result.stderr.fnmatch_lines(["*--parity-shard: 3/2: I must be between 1 and N*"])

@@ -55,7 +55,7 @@ def test_bad_inputs_fail_only_their_previews(broken_root, tmp_path, tiny_model, 
     assert f"{v1}_000000002.safetensors" in records[f"{v1}/2/1"]["reason"]
     assert records[f"{v1}/4/2"]["verdict"] == "error" and "ctrl_c.png" in records[f"{v1}/4/2"]["reason"]
     assert records[f"{v1}/4/1"]["verdict"] == "error"
-    assert "000000004_1.jpg: preview image cannot be read" in records[f"{v1}/4/1"]["reason"]
+    assert "000000004_1.jpg: preview image is not an image file PIL can read" in records[f"{v1}/4/1"]["reason"]
     assert records["broken_config/0/0"]["verdict"] == "error"
     assert "config.yaml: is not valid YAML" in records["broken_config/0/0"]["reason"]
     good = records[f"{v1}/4/0"]
