@@ -1,6 +1,7 @@
-"""The library core: plan the previews of some cases, check each one, and return plain records.
+"""The library core: check each planned preview (`plan.py`) and return plain records; `run` writes the reports.
 
-case -> recipes -> render -> compare -> findings -> record. The pytest plugin and the CLI both call this.
+case -> recipes -> render -> compare -> findings -> record. The pytest plugin and the CLI both call this. A
+preview's check never raises for that preview's sake: every problem becomes its `error` row.
 """
 
 from __future__ import annotations
