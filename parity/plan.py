@@ -39,6 +39,7 @@ class Task:
     accept: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
     error: str | None = None
+    prompt: str = ""  # the sample's prompt as ai-toolkit used it, also when a problem stops the recipes
 
 
 def model_for(case: Case, job: TrainingJob, options: Options) -> str:
@@ -145,6 +146,7 @@ def case_tasks(case: Case, options: Options) -> list[Task]:
                     preview=pv.path, step=pv.step, index=pv.index, model=inputs.model, thresholds=thresholds,
                     accept=case.settings.accept)
         item, problems = preview_problems(case, inputs, pv)
+        task.prompt = item.prompt if item else ""
         problems = inputs.problems + problems
         if problems:
             task.error = preflight.joined(problems)

@@ -302,7 +302,7 @@ def base_row(task: Task, env: dict) -> dict:
     r = task.reference
     row.update({"width": r.width if r else None, "height": r.height if r else None, "seed": r.seed if r else None,
                 "steps": r.steps if r else None, "guidance": r.guidance if r else None,
-                "multiplier": r.multiplier if r else None, "prompt": r.prompt if r else "",
+                "multiplier": r.multiplier if r else None, "prompt": r.prompt if r else task.prompt,
                 "lora": Path(r.lora).name if r and r.lora else "", "dtype": r.dtype if r else ""})
     findings = find(task.training, task.reference) if task.training and task.reference else []
     row["findings"] = "; ".join(f.field for f in findings)

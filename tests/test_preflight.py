@@ -199,6 +199,7 @@ def test_every_problem_of_a_preview_in_one_message(tmp_path):
     [task] = [t for t in plan(Options(cases=(root,), device="cpu")) if t.id == f"{NAME}/2/2"]
     assert task.error.startswith("3 problems:\n(1) ") and "\n(3) " in task.error
     assert "width is 8 px" in task.error and "ctrl_c.png" in task.error and "no LoRA checkpoint" in task.error
+    assert task.prompt == "turn the circle into a blue star"  # shown in the row, so a person knows which sample
 
 
 def test_final_lora_without_metadata_is_the_last_steps(tmp_path):
