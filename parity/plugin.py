@@ -59,11 +59,23 @@ class ParityPlugin:
         for item in items:
             task = getattr(getattr(item, "callspec", None), "params", {}).get("parity_task")
             if isinstance(task, Task):
+                self._parity_session()
                 item.add_marker(pytest.mark.parity)
                 # pytest-xdist --dist loadgroup: one worker per model and case, so each loads a pipeline once
                 item.add_marker(pytest.mark.xdist_group(f"{task.model}|{task.case}"))
                 if gpu:
                     item.add_marker(pytest.mark.gpu)
+
+    def _parity_session(self) -> None:
+        """This session checks previews: a killed CI job (SIGTERM) still writes the report of what was done.
+        Only then, so that the plugin, active in every pytest run once installed, leaves other suites alone."""
+        if not hasattr(self.config, "workerinput"):
+            stop_on_sigterm()
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node, ids):
+        if any("test_preview[" in i for i in ids):  # under xdist the controller collects nothing itself
+            self._parity_session()
 
     def pytest_runtest_logreport(self, report):
         # Records travel on the test reports, so the controller gets them from xdist workers too.
@@ -171,8 +183,6 @@ def pin_worker_gpu(config) -> None:
 
 def pytest_configure(config):
     pin_worker_gpu(config)
-    if not hasattr(config, "workerinput"):
-        stop_on_sigterm()  # a killed CI job still writes the report of what was done
     config.addinivalue_line("markers", "parity: one preview regenerated and compared by preview-parity")
     config.addinivalue_line("markers", "gpu: renders on a CUDA device")
     config.pluginmanager.register(ParityPlugin(config), "parity-session")

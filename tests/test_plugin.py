@@ -88,3 +88,16 @@ def test_a_root_without_cases_is_a_failed_item_not_an_internal_error(pytester, t
     result.assert_outcomes(failed=1)
     assert "INTERNALERROR" not in result.stdout.str()
     result.stdout.fnmatch_lines(["*nothing/cases root: error*", "*holds no ai-toolkit output folder*"])
+
+
+def test_other_suites_keep_their_signal_handling(pytester):
+    """Installed, the plugin is active in every pytest run: only a run that checks previews turns SIGTERM
+    into a graceful stop (tested in test_cli.py); any other suite sees the default handler."""
+    pytester.makepyfile(test_other="""
+        import signal
+
+        def test_sigterm_is_untouched():
+            assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
