@@ -24,7 +24,7 @@ from .findings import find
 from .goldens import Goldens, fingerprint, golden_name
 from .images import check_mode, save_preview
 from .images import save as write_image
-from .options import DEFAULT_THRESHOLDS, FIDELITY_FLOOR, Options  # noqa: F401 (re-exported)
+from .options import Options
 from .plan import Task, plan  # noqa: F401 (re-exported: the library's entry points)
 from .recipe import FIELD_NAMES, Recipe, differing_fields, switch
 
