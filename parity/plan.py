@@ -204,7 +204,7 @@ def error_task(case: str, folder: Path, pv: Preview | None, message: str, what: 
 def plan(options: Options) -> list[Task]:
     """Every preview of every case under the roots, with its recipes (or every problem that stops it)."""
     tasks: list[Task] = []
-    cases: list = []
+    cases: dict[Path, Case | BrokenCase] = {}
     for root in options.cases:
         try:
             found = discover([root])
@@ -216,8 +216,9 @@ def plan(options: Options) -> list[Task]:
             tasks.append(error_task(Path(root).name, Path(root), None, str(CaseError(
                 root, "holds no ai-toolkit output folder (a folder with a trainer config and samples/)",
                 "pass the training output folder (or a folder holding several)")), "cases root"))
-        cases += [c for c in found if c.folder not in {k.folder for k in cases}]
-    for case in sorted(cases, key=lambda c: c.folder):
+        for c in found:  # a case under two of the roots is checked once
+            cases.setdefault(c.folder, c)
+    for case in (cases[k] for k in sorted(cases)):
         if isinstance(case, BrokenCase):
             previews, _ = index_previews(case.folder)
             tasks += [error_task(case.name, case.folder, pv, str(case.error)) for pv in previews] or \

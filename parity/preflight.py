@@ -147,13 +147,9 @@ def _hub_reachable(model: str) -> tuple[bool, str]:
 LORA_PREFIX = "diffusion_model."
 
 
+@functools.lru_cache(maxsize=8)
 def linear_shapes(model_folder: str) -> dict[str, tuple[int, int]] | None:
     """Module name -> (out, in) of every 2-D weight of the transformer, read from safetensors headers only."""
-    return _linear_shapes(model_folder)
-
-
-@functools.lru_cache(maxsize=8)
-def _linear_shapes(model_folder: str) -> dict[str, tuple[int, int]] | None:
     from safetensors import safe_open
 
     files = sorted((Path(model_folder) / "transformer").glob("*.safetensors"))
