@@ -1,0 +1,508 @@
+"""Train the bundled demo model (a Qwen-Image-Edit-2509 layout checkpoint that edits coloured shapes).
+
+    python scripts/demo_model/train.py --out cases/workspace/aitk/demo-qwen-image-edit-2509
+
+Stages, each kept under `--work` so an interrupted run resumes at the stage it was in:
+1. `vae`: AutoencoderKLQwenImage (scale factor 8, 16 latent channels) trained to reconstruct task scenes as the
+   pipeline feeds them (a 128 px scene Lanczos-resized to 256-1024 px), on 128 px crops (the posterior's mode
+   plus a little noise; a warm-up, since at higher rates this VAE settles on the mean colour).
+1b. `colour`: encoder and decoder trained further on 64 px crops, half of them two task colours meeting at an
+   edge, so that no colour's latent collapses onto another's; then the latents' per-channel mean and std over
+   task scenes become `latents_mean`/`latents_std`, as in the real VAE config. Held-out PSNR is measured here.
+2. `data`: edit pairs encoded as the pipeline does: control and target latents (Lanczos resize, the VAE's mode,
+   normalised, packed 2x2), and prompt embeddings from the pipeline's own `encode_prompt` with the control
+   image passed as the two sides pass it (0-1 tensor, bilinear to ~384x384 area) for half the pairs and as
+   stock `__call__` passes it (PIL) for the other half. Control and target share one size (256-512 px), so
+   control tokens line up with target tokens, as they do when a render's size is the control's VAE size.
+3. `transformer`: QwenImageTransformer2DModel trained with flow matching (x_t = (1-s) x_0 + s noise, target
+   noise - x_0) on the target tokens of the pipeline's sequence [target tokens, control tokens] with its
+   `img_shapes` and text mask, sigmas drawn through the scheduler's shift for a ~1024 px render; the saved
+   weights are an exponential moving average.
+4. `assemble`: the diffusers folder: the trained VAE and transformer, the frozen random text encoder,
+   tokenizer and processor of the tiny checkpoint and its scheduler config (the real one), and
+   `training.json` (arguments, configs, times, machine, held-out figures).
+
+Deterministic from `--seed` on a given CPU kind, torch version and thread count (two threads by default, as
+the recorded run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import task  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "cases/workspace/aitk/tiny-qwen-image-edit-2509"
+
+VAE_CONFIG = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 8], num_res_blocks=1, attn_scales=[],
+                  temperal_downsample=[False, True, True], dropout=0.0)
+TRANSFORMER_CONFIG = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32,
+                          num_attention_heads=3, joint_attention_dim=16, axes_dims_rope=[8, 12, 12],
+                          guidance_embeds=False)
+VAE_SIZES = (256, 384, 512, 1024)  # what the VAE sees: training sizes and the pipeline's ~1024 px
+TRAIN_SIZES = ((256, 0.45), (384, 0.35), (512, 0.2))  # (square size, share of transformer batches)
+NULL_PROMPTS = ("", " ")
+
+
+def log(*args):
+    print(time.strftime("%H:%M:%S"), *args, flush=True)
+
+
+def seeded(seed: int, *salt) -> random.Random:
+    return random.Random(f"{seed}:{':'.join(map(str, salt))}")
+
+
+def to_pixels(image: Image.Image) -> torch.Tensor:
+    """PIL -> (3, H, W) in [-1, 1], as VaeImageProcessor.preprocess normalises."""
+    return torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+
+def upsampled(scene: task.Scene, size: int) -> Image.Image:
+    """The scene as the pipeline feeds it to the VAE: the 128 px picture Lanczos-resized to `size`."""
+    return scene.draw().resize((size, size), Image.Resampling.LANCZOS)
+
+
+# ---------------------------------------------------------------- stage 1: VAE
+
+def vae_batch(rng: random.Random, batch: int, crop: int) -> torch.Tensor:
+    out = []
+    for _ in range(batch):
+        scene = task.random_scene(rng)
+        size = rng.choice(VAE_SIZES)
+        image = upsampled(scene, size)
+        if rng.random() < 0.6:  # centre the crop on a shape's edge: edges are where reconstruction fails
+            shape = rng.choice(scene.shapes)
+            angle = rng.uniform(0, 2 * math.pi)
+            cx = (shape.cx + shape.radius * math.cos(angle)) * size / task.SIZE
+            cy = (shape.cy + shape.radius * math.sin(angle)) * size / task.SIZE
+            x0 = int(min(max(cx - crop / 2 + rng.uniform(-crop / 4, crop / 4), 0), size - crop))
+            y0 = int(min(max(cy - crop / 2 + rng.uniform(-crop / 4, crop / 4), 0), size - crop))
+        else:
+            x0, y0 = rng.randrange(size - crop + 1), rng.randrange(size - crop + 1)
+        out.append(to_pixels(image.crop((x0, y0, x0 + crop, y0 + crop))))
+    return torch.stack(out).unsqueeze(2)
+
+
+def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
+    """`vae.decode` without its final clamp to [-1, 1] (one frame): the clamp has no gradient where the
+    output overshoots, which stalls training; inference keeps the clamp."""
+    vae.clear_cache()
+    vae._conv_idx = [0]
+    out = vae.decoder(vae.post_quant_conv(z), feat_cache=vae._feat_map, feat_idx=vae._conv_idx)
+    vae.clear_cache()
+    return out
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two [-1, 1] images measured on 0-255 levels."""
+    mse = ((a.clamp(-1, 1) - b.clamp(-1, 1)) * 127.5).pow(2).mean().item()
+    return 10 * math.log10(255 ** 2 / max(mse, 1e-12))
+
+
+def held_out_psnr(vae, seed: int, count: int, size: int) -> float | None:
+    rng = seeded(seed, "held-out-vae")
+    values = []
+    if count <= 0:
+        return None
+    with torch.no_grad():
+        for _ in range(count):
+            x = to_pixels(upsampled(task.random_scene(rng), size))[None, :, None]
+            y = vae.decode(vae.encode(x).latent_dist.mode()).sample
+            values.append(psnr(x, y))
+    return round(float(np.mean(values)), 2)
+
+
+def train_vae(args, work: Path) -> dict:
+    from diffusers import AutoencoderKLQwenImage
+
+    done = work / "vae"
+    if (done / "config.json").exists():
+        log("vae: already trained in", done)
+        return json.loads((work / "vae.json").read_text())
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKLQwenImage(**VAE_CONFIG)
+    rng = seeded(args.seed, "vae")
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    start = time.time()
+    for step in range(args.vae_steps):
+        # Warm up: at higher rates this VAE settles on the mean colour and its gradients vanish.
+        lr = args.vae_lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x = vae_batch(rng, args.vae_batch, 128)
+        # The latent is the posterior's mode (what the pipeline encodes control images with), plus a little
+        # noise so the decoder tolerates the transformer's imperfect latents; a small penalty keeps its scale.
+        z = vae.encode(x).latent_dist.mode()
+        y = decode_unclamped(vae, z + args.vae_noise * torch.randn_like(z))
+        loss = (y - x).abs().mean() + (y - x).pow(2).mean() + args.vae_penalty * z.pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == args.vae_steps - 1:
+            log(f"vae step {step}/{args.vae_steps} loss {loss.item():.4f} lr {lr:.2e} "
+                f"({time.time() - start:.0f} s)")
+    vae.eval()
+    mean, std = latent_stats(vae, args.seed, args.stat_scenes)
+    vae.register_to_config(latents_mean=mean, latents_std=std)
+    figures = {"vae_steps": args.vae_steps, "vae_seconds": round(time.time() - start, 1),
+               "vae_psnr_held_out_1024": held_out_psnr(vae, args.seed, args.vae_eval // 4, 1024),
+               "vae_psnr_held_out_256": held_out_psnr(vae, args.seed, args.vae_eval, 256)}
+    log("vae:", figures)
+    vae.save_pretrained(done)
+    (work / "vae.json").write_text(json.dumps(figures, indent=1))
+    return figures
+
+
+def colour_batch(rng: random.Random, batch: int, crop: int) -> torch.Tensor:
+    """Half edge crops as in `vae_batch`, half patches of two task colours split by a random straight edge:
+    every colour of the palette, on every other, often enough that none collapses onto another."""
+    out = [vae_batch(rng, 1, crop)[0] for _ in range(batch // 2)]
+    names = sorted(task.PALETTE)
+    for _ in range(batch - len(out)):
+        a, b = rng.sample(names, 2)
+        yy, xx = np.mgrid[0:crop, 0:crop]
+        angle, offset = rng.uniform(0, 2 * math.pi), rng.uniform(-crop / 3, crop / 3)
+        side = (xx - crop / 2) * math.cos(angle) + (yy - crop / 2) * math.sin(angle) > offset
+        rgb = np.where(side[..., None], np.array(task.PALETTE[a]), np.array(task.PALETTE[b])).astype(np.uint8)
+        image = Image.fromarray(rgb).resize((crop // 4, crop // 4), Image.Resampling.BOX)
+        out.append(to_pixels(image.resize((crop, crop), Image.Resampling.LANCZOS)).unsqueeze(1))
+    return torch.stack(out)
+
+
+def colour_separation(vae) -> dict:
+    """How far apart the latents of flat task colours are (the smallest pair) and the worst flat-colour error."""
+    zs, worst = {}, 0.0
+    with torch.no_grad():
+        for name, rgb in task.PALETTE.items():
+            x = to_pixels(Image.new("RGB", (64, 64), rgb))[None, :, None]
+            z = vae.encode(x).latent_dist.mode()
+            zs[name] = z[0, :, 0, 4, 4]
+            worst = max(worst, float((vae.decode(z).sample - x).abs().max() * 127.5))
+    pairs = [(float((zs[a] - zs[b]).norm()), a, b) for a in zs for b in zs if a < b]
+    gap, a, b = min(pairs)
+    return {"closest_colours": f"{a}/{b}", "closest_latent_distance": round(gap, 3),
+            "worst_flat_colour_error": round(worst, 1)}
+
+
+def train_colours(args, work: Path) -> dict:
+    """Stage 1b: encoder and decoder trained on small crops half of which pair two task colours, so that
+    no colour's latent collapses onto another's (after stage 1 purple and grey were 0.02 apart)."""
+    from diffusers import AutoencoderKLQwenImage
+
+    done = work / "vae-colour"
+    if (done / "config.json").exists():
+        log("colours: already trained in", done)
+        return json.loads((work / "vae-colour.json").read_text())
+    torch.manual_seed(args.seed + 2)
+    vae = AutoencoderKLQwenImage.from_pretrained(work / "vae")
+    before = colour_separation(vae)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.colour_lr, weight_decay=0.0)
+    rng = seeded(args.seed, "colour")
+    start = time.time()
+    for step in range(args.colour_steps):
+        lr = args.colour_lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.colour_steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x = colour_batch(rng, 16, 64)
+        z = vae.encode(x).latent_dist.mode()
+        y = decode_unclamped(vae, z + args.vae_noise * torch.randn_like(z))
+        loss = (y - x).abs().mean() + (y - x).pow(2).mean() + args.vae_penalty * z.pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == args.colour_steps - 1:
+            log(f"colours step {step}/{args.colour_steps} loss {loss.item():.4f} lr {lr:.2e} "
+                f"({time.time() - start:.0f} s)")
+    vae.eval()
+    mean, std = latent_stats(vae, args.seed, args.stat_scenes)
+    vae.register_to_config(latents_mean=mean, latents_std=std)
+    figures = {"colour_steps": args.colour_steps, "colour_seconds": round(time.time() - start, 1),
+               "colours_before": before, "colours_after": colour_separation(vae),
+               "vae_psnr_held_out_1024": held_out_psnr(vae, args.seed, args.vae_eval // 4, 1024),
+               "vae_psnr_held_out_256": held_out_psnr(vae, args.seed, args.vae_eval, 256)}
+    log("colours:", figures)
+    vae.save_pretrained(done)
+    (work / "vae-colour.json").write_text(json.dumps(figures, indent=1))
+    return figures
+
+
+def latent_stats(vae, seed: int, count: int) -> tuple[list[float], list[float]]:
+    rng = seeded(seed, "latent-stats")
+    zs = []
+    with torch.no_grad():
+        for _ in range(count):
+            x = to_pixels(upsampled(task.random_scene(rng), 256))[None, :, None]
+            zs.append(vae.encode(x).latent_dist.mode()[0, :, 0].flatten(1))
+    z = torch.cat(zs, dim=1)
+    return [round(v, 4) for v in z.mean(1).tolist()], [round(v, 4) for v in z.std(1).tolist()]
+
+
+# ---------------------------------------------------------------- stage 2: data
+
+def make_pipeline(work: Path, transformer=None):
+    """The pipeline's own classes around the trained VAE and the tiny checkpoint's frozen text encoder."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
+    from diffusers import QwenImageTransformer2DModel
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor
+
+    return QwenImageEditPlusPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(TINY / "scheduler"),
+        vae=AutoencoderKLQwenImage.from_pretrained(work / "vae-colour"),
+        text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(TINY / "text_encoder",
+                                                                         dtype=torch.float32),
+        tokenizer=AutoTokenizer.from_pretrained(TINY / "tokenizer"),
+        processor=Qwen2VLProcessor.from_pretrained(TINY / "processor"),
+        transformer=transformer or QwenImageTransformer2DModel(**TRANSFORMER_CONFIG))
+
+
+def prompt_embeds(pipe, prompt: str, control: Image.Image, stock_pil: bool) -> torch.Tensor:
+    """`encode_prompt` with the control image as the two sides pass it (a 0-1 tensor, bilinear to the
+    ~384x384-area prompt size), or as stock `__call__` passes it (a PIL image resized by the image processor)."""
+    import torch.nn.functional as F
+    import torchvision.transforms.functional as TF
+
+    from parity.preprocess import PROMPT_RESIZE, prompt_size
+
+    w, h = prompt_size(*control.size, PROMPT_RESIZE)
+    if stock_pil:
+        image = pipe.image_processor.resize(control, h, w)
+    else:
+        image = F.interpolate(TF.to_tensor(control).unsqueeze(0), size=(h, w), mode="bilinear")
+    embeds, _ = pipe.encode_prompt(prompt, image=[image], device="cpu", num_images_per_prompt=1)
+    return embeds[0]
+
+
+def packed_latents(pipe, images: list[Image.Image]) -> torch.Tensor:
+    """Latents as the pipeline makes them for control images: preprocess, VAE mode, normalise, pack 2x2."""
+    size = images[0].size[0]
+    pixels = torch.cat([pipe.image_processor.preprocess(im, size, size) for im in images]).unsqueeze(2)
+    latents = pipe._encode_vae_image(pixels, generator=None)[:, :, 0]
+    g = size // pipe.vae_scale_factor
+    return pipe._pack_latents(latents, len(images), latents.shape[1], g, g)
+
+
+def make_data(args, work: Path) -> None:
+    from safetensors.torch import save_file
+
+    if (work / "data.json").exists():
+        log("data: already made in", work)
+        return
+    pipe = make_pipeline(work)
+    rng = seeded(args.seed, "data")
+    sizes, shares = zip(*TRAIN_SIZES)
+    buckets: dict[int, dict[str, list]] = {s: {"control": [], "target": [], "prompt": []} for s in sizes}
+    prompts = []
+    start = time.time()
+    with torch.no_grad():
+        for i in range(args.scenes):
+            scene = task.random_scene(rng)
+            size = rng.choices(sizes, weights=shares)[0]
+            edits = [task.random_edit(scene, rng) for _ in range(args.edits_per_scene)]
+            control = scene.draw()
+            latents = packed_latents(pipe, [upsampled(scene, size)] + [upsampled(e.target, size) for e in edits])
+            for j, edit in enumerate(edits):
+                prompt = edit.prompt if edit.kind != "none" else rng.choice(NULL_PROMPTS)
+                bucket = buckets[size]
+                bucket["control"].append(latents[0])
+                bucket["target"].append(latents[1 + j])
+                bucket["prompt"].append(prompt_embeds(pipe, prompt, control, stock_pil=rng.random() < 0.5))
+                prompts.append(prompt)
+            if i % 100 == 0:
+                log(f"data: scene {i}/{args.scenes} ({time.time() - start:.0f} s)")
+    for size, bucket in buckets.items():
+        length = max(e.shape[0] for e in bucket["prompt"])
+        embeds = torch.zeros(len(bucket["prompt"]), length, bucket["prompt"][0].shape[-1])
+        mask = torch.zeros(len(bucket["prompt"]), length, dtype=torch.bool)
+        for k, e in enumerate(bucket["prompt"]):
+            embeds[k, : e.shape[0]] = e
+            mask[k, : e.shape[0]] = True
+        save_file({"control": torch.stack(bucket["control"]).contiguous(),
+                   "target": torch.stack(bucket["target"]).contiguous(),
+                   "embeds": embeds.contiguous(), "mask": mask.to(torch.uint8).contiguous()},
+                  str(work / f"data_{size}.safetensors"))
+    (work / "data.json").write_text(json.dumps({
+        "scenes": args.scenes, "pairs": len(prompts), "seconds": round(time.time() - start, 1),
+        "pairs_per_size": {str(s): len(b["prompt"]) for s, b in buckets.items()},
+        "prompts": sorted(set(prompts))[:20]}, indent=1))
+    log("data: done", len(prompts), "pairs")
+
+
+# ---------------------------------------------------------------- stage 3: transformer
+
+def train_sigmas(gen: torch.Generator, count: int, mu: float) -> torch.Tensor:
+    """Sigmas as sampling visits them: uniform draws through the scheduler's exponential shift for `mu`
+    (four in five), plain uniform (one in five)."""
+    u = torch.rand(count, generator=gen).clamp(1e-3, 1 - 1e-3)
+    shifted = math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+    plain = torch.rand(count, generator=gen) < 0.2
+    return torch.where(plain, u, shifted)
+
+
+def train_transformer(args, work: Path) -> dict:
+    from diffusers import QwenImageTransformer2DModel
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift
+    from safetensors.torch import load_file
+
+    done = work / "transformer"
+    if (done / "config.json").exists():
+        log("transformer: already trained in", done)
+        return json.loads((work / "transformer.json").read_text())
+    data = {s: load_file(str(work / f"data_{s}.safetensors")) for s, _ in TRAIN_SIZES}
+    sched = json.loads((TINY / "scheduler/scheduler_config.json").read_text())
+    # The sigma shift a render at the pipeline's ~1024x1024 control size uses (4096 target tokens).
+    mu = calculate_shift(4096, sched["base_image_seq_len"], sched["max_image_seq_len"], sched["base_shift"],
+                         sched["max_shift"])
+    torch.manual_seed(args.seed)
+    model = QwenImageTransformer2DModel(**TRANSFORMER_CONFIG)
+    ema = QwenImageTransformer2DModel(**TRANSFORMER_CONFIG)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    gen = torch.Generator().manual_seed(args.seed)
+    rng = seeded(args.seed, "batches")
+    sizes, shares = zip(*TRAIN_SIZES)
+    start, losses = time.time(), []
+    for step in range(args.steps):
+        warm = min(1.0, (step + 1) / 100)
+        lr = args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        size = rng.choices(sizes, weights=shares)[0]
+        bucket = data[size]
+        batch = max(1, args.batch * 256 // (size // 16) ** 2)
+        idx = torch.tensor([rng.randrange(bucket["target"].shape[0]) for _ in range(batch)])
+        x0 = bucket["target"][idx].float()
+        control = bucket["control"][idx].float()
+        mask = bucket["mask"][idx].bool()
+        length = int(mask.sum(1).max())
+        embeds, mask = bucket["embeds"][idx, :length].float(), mask[:, :length]
+        sigma = train_sigmas(gen, batch, mu)
+        noise = torch.randn(x0.shape, generator=gen)
+        xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+        g = size // 16
+        pred = model(hidden_states=torch.cat([xt, control], dim=1), timestep=sigma, encoder_hidden_states=embeds,
+                     encoder_hidden_states_mask=mask, img_shapes=[[(1, g, g), (1, g, g)]] * batch,
+                     return_dict=False)[0][:, : x0.shape[1]]
+        loss = (pred - (noise - x0)).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), model.parameters()):
+                e.lerp_(p, 1 - decay)
+        losses.append(loss.item())
+        if step % 100 == 0 or step == args.steps - 1:
+            log(f"transformer step {step}/{args.steps} loss {np.mean(losses[-100:]):.4f} lr {lr:.2e} "
+                f"({time.time() - start:.0f} s)")
+        if args.checkpoint_every and step and step % args.checkpoint_every == 0:
+            ema.save_pretrained(work / f"transformer-step{step}")
+    figures = {"transformer_steps": args.steps, "transformer_seconds": round(time.time() - start, 1),
+               "final_loss": round(float(np.mean(losses[-200:])), 4)}
+    ema.save_pretrained(done)
+    (work / "transformer.json").write_text(json.dumps(figures, indent=1))
+    log("transformer:", figures)
+    return figures
+
+
+# ---------------------------------------------------------------- stage 4: assemble
+
+def assemble(args, work: Path, figures: dict) -> None:
+    from diffusers import QwenImageTransformer2DModel
+
+    out = Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)
+    pipe = make_pipeline(work, QwenImageTransformer2DModel.from_pretrained(work / "transformer"))
+    pipe.save_pretrained(out, safe_serialization=True)
+    # The scheduler, text encoder, tokenizer and processor are the tiny checkpoint's files, byte for byte.
+    for part in ("scheduler", "text_encoder", "tokenizer", "processor"):
+        shutil.rmtree(out / part)
+        shutil.copytree(TINY / part, out / part)
+    record = {"seed": args.seed, "threads": args.threads, "torch": torch.__version__,
+              "machine": platform.processor() or platform.machine(), "cpu": cpu_name(),
+              "arguments": {k: v for k, v in vars(args).items() if k not in ("out", "work", "stages")},
+              "vae_config": VAE_CONFIG, "transformer_config": TRANSFORMER_CONFIG,
+              "train_sizes": TRAIN_SIZES, **figures}
+    (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    log("assembled", out)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="the diffusers folder to write")
+    p.add_argument("--work", default=None, help="stage outputs (default: <out>.work)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--stages", default="vae,colour,data,transformer,assemble",
+                   help="stages to run (always in this order)")
+    p.add_argument("--vae-steps", type=int, default=800)
+    p.add_argument("--vae-batch", type=int, default=8)
+    p.add_argument("--vae-lr", type=float, default=3e-4)
+    p.add_argument("--colour-steps", type=int, default=400)
+    p.add_argument("--colour-lr", type=float, default=3e-4)
+    p.add_argument("--vae-noise", type=float, default=0.05)
+    p.add_argument("--vae-penalty", type=float, default=1e-4)
+    p.add_argument("--vae-eval", type=int, default=16, help="held-out scenes for the VAE's PSNR at 256 px "
+                   "(a quarter of them at 1024 px)")
+    p.add_argument("--stat-scenes", type=int, default=48, help="scenes for latents_mean/latents_std")
+    p.add_argument("--scenes", type=int, default=1000)
+    p.add_argument("--edits-per-scene", type=int, default=2)
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch", type=int, default=8, help="pairs per batch at 256 px (fewer at larger sizes)")
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--ema", type=float, default=0.998)
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    work = Path(args.work or args.out + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    stages = args.stages.split(",")
+    figures = {}
+    if "vae" in stages:
+        figures.update(train_vae(args, work))
+    if "colour" in stages:
+        figures.update(train_colours(args, work))
+    if "data" in stages:
+        make_data(args, work)
+        figures.update(json.loads((work / "data.json").read_text()))
+    if "transformer" in stages:
+        figures.update(train_transformer(args, work))
+    if "assemble" in stages:
+        for name in ("vae.json", "vae-colour.json", "data.json", "transformer.json"):
+            if (work / name).exists():
+                figures.update(json.loads((work / name).read_text()))
+        figures.pop("prompts", None)
+        assemble(args, work, figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
