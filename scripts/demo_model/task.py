@@ -59,8 +59,10 @@ class Scene:
         im = Image.new("RGB", (big, big), BACKGROUNDS[self.background])
         draw = ImageDraw.Draw(im)
         for shape in self.shapes:
-            draw.polygon(outline(shape, scale), fill=SHAPE_COLOURS[shape.colour]) if shape.kind != "circle" else \
+            if shape.kind == "circle":
                 draw.ellipse(box(shape, scale), fill=SHAPE_COLOURS[shape.colour])
+            else:
+                draw.polygon(outline(shape, scale), fill=SHAPE_COLOURS[shape.colour])
         return im.resize((size, size), Image.Resampling.BOX)
 
     def mask(self, index: int, size: int = SIZE) -> np.ndarray:
@@ -148,18 +150,18 @@ def edit_region(scene: Scene, edit: Edit, size: int = SIZE) -> np.ndarray:
 def erode(mask: np.ndarray, pixels: int) -> np.ndarray:
     from scipy.ndimage import binary_erosion
 
-    return binary_erosion(mask, iterations=pixels) if pixels else mask
+    return binary_erosion(mask, np.ones((3, 3), bool), iterations=pixels) if pixels else mask
 
 
 def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
     from scipy.ndimage import binary_dilation
 
-    return binary_dilation(mask, iterations=pixels) if pixels else mask
+    return binary_dilation(mask, np.ones((3, 3), bool), iterations=pixels) if pixels else mask
 
 
 def untouched_mask(scene: Scene, edit: Edit, size: int = SIZE) -> np.ndarray:
-    """Pixels the edit must leave as they were: everything but its region, kept 4 px clear of the region's edge
-    (so no 7x7 SSIM window centred there reaches into the edited pixels)."""
+    """Pixels the edit must leave as they were: everything but its region, kept 4 px (in any direction) clear
+    of the region's edge, so no 7x7 SSIM window centred there reaches into the edited pixels."""
     return ~dilate(edit_region(scene, edit, size), 4)
 
 

@@ -18,6 +18,9 @@ Stages, each kept under `--work` so an interrupted run resumes at the stage it w
    noise - x_0) on the target tokens of the pipeline's sequence [target tokens, control tokens] with its
    `img_shapes` and text mask, sigmas drawn through the scheduler's shift for a ~1024 px render; the saved
    weights are an exponential moving average.
+3b. `long`: the averaged transformer trained further on render-size sequences (48x48 and 64x64 tokens, the
+   512 px pairs resized in latent space), alternating with small 256 px batches: at 64x64 the stage-3 model
+   drew speckles. Head 0 of every block starts as a copy head (`copy_head_init`).
 4. `assemble`: the diffusers folder: the trained VAE and transformer, the frozen random text encoder,
    tokenizer and processor of the tiny checkpoint and its scheduler config (the real one), and
    `training.json` (arguments, configs, times, machine, held-out figures).
@@ -326,6 +329,8 @@ def make_data(args, work: Path) -> None:
             if i % 100 == 0:
                 log(f"data: scene {i}/{args.scenes} ({time.time() - start:.0f} s)")
     for size, bucket in buckets.items():
+        if not bucket["prompt"]:  # a tiny run may draw no scene of some size
+            continue
         length = max(e.shape[0] for e in bucket["prompt"])
         embeds = torch.zeros(len(bucket["prompt"]), length, bucket["prompt"][0].shape[-1])
         mask = torch.zeros(len(bucket["prompt"]), length, dtype=torch.bool)
@@ -387,16 +392,22 @@ def copy_head_init(model, bias: float = 4.0, gain: float = 3.0) -> None:
                 norm.weight[dims] = gain
 
 
+def load_data(work: Path) -> dict[int, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    return {size: load_file(str(work / f"data_{size}.safetensors")) for size, _ in TRAIN_SIZES
+            if (work / f"data_{size}.safetensors").exists()}
+
+
 def train_transformer(args, work: Path) -> dict:
     from diffusers import QwenImageTransformer2DModel
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift
-    from safetensors.torch import load_file
 
     done = work / "transformer"
     if (done / "config.json").exists():
         log("transformer: already trained in", done)
         return json.loads((work / "transformer.json").read_text())
-    data = {s: load_file(str(work / f"data_{s}.safetensors")) for s, _ in TRAIN_SIZES}
+    data = load_data(work)
     sched = json.loads((TINY / "scheduler/scheduler_config.json").read_text())
     # The sigma shift a render at the pipeline's ~1024x1024 control size uses (4096 target tokens).
     mu = calculate_shift(4096, sched["base_image_seq_len"], sched["max_image_seq_len"], sched["base_shift"],
@@ -410,7 +421,7 @@ def train_transformer(args, work: Path) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(args.seed)
     rng = seeded(args.seed, "batches")
-    sizes, shares = zip(*TRAIN_SIZES)
+    sizes, shares = zip(*[(size, share) for size, share in TRAIN_SIZES if size in data])
     start, losses = time.time(), []
     for step in range(args.steps):
         warm = min(1.0, (step + 1) / 100)
@@ -456,6 +467,85 @@ def train_transformer(args, work: Path) -> dict:
     return figures
 
 
+def regrid(tokens: torch.Tensor, grid: int, new: int) -> torch.Tensor:
+    """Packed latents of a grid x grid token image resized (bilinear, in latent space) to new x new tokens."""
+    import torch.nn.functional as F
+
+    n = tokens.shape[0]
+    latents = tokens.view(n, grid, grid, 16, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, 16, grid * 2, grid * 2)
+    latents = F.interpolate(latents, size=(new * 2, new * 2), mode="bilinear", align_corners=False)
+    return latents.view(n, 16, new, 2, new, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, new * new, 64)
+
+
+def train_long(args, work: Path) -> dict:
+    """Stage 3b: the trained transformer (its average) trained further on render-size sequences.
+
+    A render at the control image's VAE size has 64x64 target and 64x64 control tokens; stage 3 saw at most
+    32x32, and on 64x64 the model drew speckles (text attention is diluted by 16x more image tokens and the
+    text's rotary positions start further out). Encoding pairs at 1024 px costs ~5 s each on a CPU, so the
+    512 px pairs are resized in latent space to 48x48 and 64x64 tokens (flat colours and soft edges survive
+    bilinear resizing well), one pair a step, every other step a small 256 px batch so nothing is forgotten.
+    """
+    from diffusers import QwenImageTransformer2DModel
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift
+
+    done = work / "transformer-long"
+    if (done / "config.json").exists():
+        log("long: already trained in", done)
+        return json.loads((work / "transformer-long.json").read_text())
+    data = load_data(work)
+    small, large = min(data), max(data)
+    sched = json.loads((TINY / "scheduler/scheduler_config.json").read_text())
+    mu = calculate_shift(4096, sched["base_image_seq_len"], sched["max_image_seq_len"], sched["base_shift"],
+                         sched["max_shift"])
+    torch.manual_seed(args.seed + 3)
+    model = QwenImageTransformer2DModel.from_pretrained(work / "transformer")
+    ema = QwenImageTransformer2DModel.from_pretrained(work / "transformer")
+    ema.requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.long_lr, weight_decay=0.01, betas=(0.9, 0.99))
+    gen = torch.Generator().manual_seed(args.seed + 3)
+    rng = seeded(args.seed, "long")
+    start, losses = time.time(), []
+    for step in range(args.long_steps):
+        lr = args.long_lr * min(1.0, (step + 1) / 20)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        if step % 2:
+            size, grid, batch = small, small // 16, args.batch
+        else:
+            size, grid, batch = large, rng.choice((48, 64, 64)), 1
+        bucket = data[size]
+        idx = torch.tensor([rng.randrange(bucket["target"].shape[0]) for _ in range(batch)])
+        x0, control = bucket["target"][idx].float(), bucket["control"][idx].float()
+        if grid != size // 16:
+            x0, control = regrid(x0, size // 16, grid), regrid(control, size // 16, grid)
+        mask = bucket["mask"][idx].bool()
+        length = int(mask.sum(1).max())
+        embeds, mask = bucket["embeds"][idx, :length].float(), mask[:, :length]
+        sigma = train_sigmas(gen, batch, mu)
+        noise = torch.randn(x0.shape, generator=gen)
+        xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+        pred = model(hidden_states=torch.cat([xt, control], dim=1), timestep=sigma, encoder_hidden_states=embeds,
+                     encoder_hidden_states_mask=mask, img_shapes=[[(1, grid, grid), (1, grid, grid)]] * batch,
+                     return_dict=False)[0][:, : x0.shape[1]]
+        loss = (pred - (noise - x0)).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), model.parameters()):
+                e.lerp_(p, 1 - args.long_ema)
+        losses.append(loss.item())
+        if step % 20 == 0 or step == args.long_steps - 1:
+            log(f"long step {step}/{args.long_steps} grid {grid} loss {loss.item():.4f} ({time.time() - start:.0f} s)")
+    figures = {"long_steps": args.long_steps, "long_seconds": round(time.time() - start, 1)}
+    ema.save_pretrained(done)
+    (work / "transformer-long.json").write_text(json.dumps(figures, indent=1))
+    log("long:", figures)
+    return figures
+
+
 # ---------------------------------------------------------------- stage 4: assemble
 
 def assemble(args, work: Path, figures: dict) -> None:
@@ -464,7 +554,7 @@ def assemble(args, work: Path, figures: dict) -> None:
     out = Path(args.out)
     if out.exists():
         shutil.rmtree(out)
-    pipe = make_pipeline(work, QwenImageTransformer2DModel.from_pretrained(work / "transformer"))
+    pipe = make_pipeline(work, QwenImageTransformer2DModel.from_pretrained(work / "transformer-long"))
     pipe.save_pretrained(out, safe_serialization=True)
     # The scheduler, text encoder, tokenizer and processor are the tiny checkpoint's files, byte for byte.
     for part in ("scheduler", "text_encoder", "tokenizer", "processor"):
@@ -495,7 +585,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=None, help="stage outputs (default: <out>.work)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--stages", default="vae,colour,data,transformer,assemble",
+    p.add_argument("--stages", default="vae,colour,data,transformer,long,assemble",
                    help="stages to run (always in this order)")
     p.add_argument("--vae-steps", type=int, default=800)
     p.add_argument("--vae-batch", type=int, default=8)
@@ -514,6 +604,9 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--long-steps", type=int, default=300)
+    p.add_argument("--long-lr", type=float, default=2e-4)
+    p.add_argument("--long-ema", type=float, default=0.95)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     work = Path(args.work or args.out + ".work")
@@ -529,8 +622,10 @@ def main(argv=None) -> int:
         figures.update(json.loads((work / "data.json").read_text()))
     if "transformer" in stages:
         figures.update(train_transformer(args, work))
+    if "long" in stages:
+        figures.update(train_long(args, work))
     if "assemble" in stages:
-        for name in ("vae.json", "vae-colour.json", "data.json", "transformer.json"):
+        for name in ("vae.json", "vae-colour.json", "data.json", "transformer.json", "transformer-long.json"):
             if (work / name).exists():
                 figures.update(json.loads((work / name).read_text()))
         figures.pop("prompts", None)

@@ -1,0 +1,146 @@
+"""Does the bundled demo model make pictures and listen to its prompt? Four figures on held-out edits.
+
+    python bench/demo_model.py [--model DIR] [--count N] [--steps 25] [--dtype float32] [--sheet PNG]
+
+Held-out scenes and edits are drawn from a seed the training never used (scripts/demo_model/task.py). Every
+render goes through the harness's renderer with a reference recipe (stock QwenImageEditPlusPipeline behaviour:
+true CFG with its norm rescale, negative prompt " "), at the control image's VAE size (1024x1024 for the
+128 px scenes), so control tokens and target tokens share one grid as in the model's training. Printed:
+
+- edit accuracy: the share of guidance-4 renders whose named edit is right, judged from pixels
+  (`task.edit_is_right`: the edited region's median colour is nearest the asked-for colour); target >= 0.8;
+- resemblance: mean SSIM between render and control over the region the edit does not touch; target >= 0.6;
+- guidance effect: mean absolute difference (0-255) between renders at guidance 4 and guidance 1 (same seed);
+  target >= 8;
+- CFG norm effect over the noise floor: mean absolute difference between the rescale on and off (same seed,
+  guidance 4) divided by that between PyTorch's math and fused attention kernels (same recipe), both over the
+  first `--pairs` samples; target >= 10.
+
+The last line reads `demo model: edit_accuracy A resemblance R guidance_effect G cfg_norm_over_floor F`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts/demo_model"))
+
+import task  # noqa: E402  (scripts/demo_model/task.py)
+
+from parity import pipeline, render  # noqa: E402
+from parity.preprocess import PROMPT_RESIZE, VAE_RESIZE, vae_size  # noqa: E402
+from parity.recipe import LORA_NONE, Recipe, scheduler_json  # noqa: E402
+
+DEMO = REPO / "cases/workspace/aitk/demo-qwen-image-edit-2509"
+TARGETS = {"edit_accuracy": 0.8, "resemblance": 0.6, "guidance_effect": 8.0, "cfg_norm_over_floor": 10.0}
+HELD_OUT_SEED = "bench-held-out"  # training draws from "<seed>:data" and "<seed>:vae"
+
+
+def held_out(count: int) -> list[tuple[task.Scene, task.Edit]]:
+    """`count` scenes with one edit each, the three edit kinds in turn."""
+    rng = random.Random(HELD_OUT_SEED)
+    kinds = ("recolour", "remove", "background")
+    out = []
+    for i in range(count):
+        scene = task.random_scene(rng)
+        out.append((scene, task.random_edit(scene, rng, kinds=(kinds[i % 3],), weights=(1.0,))))
+    return out
+
+
+def recipe_for(control: str, prompt: str, seed: int, steps: int, dtype: str, scheduler: dict) -> Recipe:
+    width, height = vae_size(*Image.open(control).size)
+    return Recipe(width=width, height=height, steps=steps, scheduler=scheduler_json(scheduler), guidance=4.0,
+                  cfg_norm=True, negative_prompt=" ", seed=seed, generator_device="cpu", prompt=prompt,
+                  control_images_prompt=(control,), control_images_vae=(control,),
+                  control_prompt_resize=PROMPT_RESIZE, control_vae_resize=VAE_RESIZE, lora=None, multiplier=1.0,
+                  lora_application=LORA_NONE, precision="none", text_encoder_rope="float32", vae_tiling=False,
+                  device="cpu", dtype=dtype, output_format="png")
+
+
+def mean_abs(a: Image.Image, b: Image.Image) -> float:
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).mean())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=str(DEMO))
+    p.add_argument("--count", type=int, default=12, help="held-out edits (default 12: four of each kind)")
+    p.add_argument("--pairs", type=int, default=3, help="samples for the CFG-norm and noise-floor renders")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sheet", default=None, help="write a contact sheet of the renders here (PNG)")
+    p.add_argument("--json", default=None, help="write the per-sample figures here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    loaded = pipeline.load(args.model, "cpu", args.dtype)
+    scheduler = dict(loaded.pipe.scheduler.config)
+    rows, sheet = [], []
+    start = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (scene, edit) in enumerate(held_out(args.count)):
+            control = scene.draw()
+            path = str(Path(tmp) / f"control_{i:02d}.png")
+            control.save(path)
+            base = recipe_for(path, edit.prompt, 1000 + i, args.steps, args.dtype, dict(scheduler))
+            main_render = render.render(loaded, base)
+            plain = render.render(loaded, base.with_fields(guidance=1.0))
+            row = {"prompt": edit.prompt, "kind": edit.kind, "right": task.edit_is_right(main_render, scene, edit),
+                   "resemblance": task.resemblance(main_render, control, scene, edit),
+                   "guidance_effect": mean_abs(main_render, plain)}
+            images = [control.resize(main_render.size), main_render, plain]
+            if i < args.pairs:
+                off = render.render(loaded, base.with_fields(cfg_norm=False))
+                math_kernel = render.render(loaded, base, math_attention=True)
+                row["cfg_norm_effect"] = mean_abs(main_render, off)
+                row["floor"] = mean_abs(main_render, math_kernel)
+                images.append(off)
+            rows.append(row)
+            sheet.append(images)
+            print(f"{i:2d} {edit.kind:10s} {edit.prompt!r:36s} right {row['right']!s:5s} "
+                  f"resemblance {row['resemblance']:.3f} guidance_effect {row['guidance_effect']:6.2f}"
+                  + (f" cfg_norm {row['cfg_norm_effect']:.3f} floor {row['floor']:.4f}" if "floor" in row else "")
+                  + f" ({time.time() - start:.0f} s)", flush=True)
+    paired = [r for r in rows if "floor" in r]
+    figures = {
+        "edit_accuracy": float(np.mean([r["right"] for r in rows])),
+        "resemblance": float(np.mean([r["resemblance"] for r in rows])),
+        "guidance_effect": float(np.mean([r["guidance_effect"] for r in rows])),
+        "cfg_norm_over_floor": float(np.mean([r["cfg_norm_effect"] for r in paired])
+                                     / max(np.mean([r["floor"] for r in paired]), 1e-9)),
+    }
+    if args.sheet:
+        write_sheet(sheet, args.sheet)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"figures": figures, "rows": rows, "args": vars(args)}, indent=1))
+    for name, value in figures.items():
+        print(f"{name:20s} {value:8.3f}  target {TARGETS[name]:g}  {'met' if value >= TARGETS[name] else 'MISSED'}")
+    print(f"{len(rows)} held-out edits, {args.steps} steps, {args.dtype}, {time.time() - start:.0f} s")
+    print("demo model: " + " ".join(f"{k} {v:.3f}" for k, v in figures.items()))
+    return 0
+
+
+def write_sheet(sheet: list[list[Image.Image]], path: str, cell: int = 160) -> None:
+    """One row per held-out edit: control, render (guidance 4), guidance 1, [CFG norm off]."""
+    width = max(len(r) for r in sheet)
+    out = Image.new("RGB", (cell * width, cell * len(sheet)), (255, 255, 255))
+    for y, row in enumerate(sheet):
+        for x, im in enumerate(row):
+            out.paste(im.resize((cell, cell), Image.Resampling.LANCZOS), (x * cell, y * cell))
+    out.save(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
