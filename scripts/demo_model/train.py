@@ -129,6 +129,32 @@ def held_out_psnr(vae, seed: int, count: int, size: int) -> float | None:
     return round(float(np.mean(values)), 2)
 
 
+def vae_step(vae, opt, x: torch.Tensor, lr: float, args, label: str, report: bool, start: float) -> None:
+    """One optimiser step of the VAE on pixels `x`. The latent is the posterior's mode (what the pipeline
+    encodes control images with) plus a little noise, so the decoder tolerates the transformer's imperfect
+    latents; a small penalty keeps the latents' scale."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    z = vae.encode(x).latent_dist.mode()
+    y = decode_unclamped(vae, z + args.vae_noise * torch.randn_like(z))
+    loss = (y - x).abs().mean() + (y - x).pow(2).mean() + args.vae_penalty * z.pow(2).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+    opt.step()
+    if report:
+        log(f"{label} loss {loss.item():.4f} lr {lr:.2e} ({time.time() - start:.0f} s)")
+
+
+def finish_vae(vae, args) -> dict:
+    """Eval mode, the latents' statistics into the config, held-out PSNR."""
+    vae.eval()
+    mean, std = latent_stats(vae, args.seed, args.stat_scenes)
+    vae.register_to_config(latents_mean=mean, latents_std=std)
+    return {"vae_psnr_held_out_1024": held_out_psnr(vae, args.seed, args.vae_eval // 4, 1024),
+            "vae_psnr_held_out_256": held_out_psnr(vae, args.seed, args.vae_eval, 256)}
+
+
 def train_vae(args, work: Path) -> dict:
     from diffusers import AutoencoderKLQwenImage
 
@@ -144,27 +170,10 @@ def train_vae(args, work: Path) -> dict:
     for step in range(args.vae_steps):
         # Warm up: at higher rates this VAE settles on the mean colour and its gradients vanish.
         lr = args.vae_lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps)))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x = vae_batch(rng, args.vae_batch, 128)
-        # The latent is the posterior's mode (what the pipeline encodes control images with), plus a little
-        # noise so the decoder tolerates the transformer's imperfect latents; a small penalty keeps its scale.
-        z = vae.encode(x).latent_dist.mode()
-        y = decode_unclamped(vae, z + args.vae_noise * torch.randn_like(z))
-        loss = (y - x).abs().mean() + (y - x).pow(2).mean() + args.vae_penalty * z.pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        if step % 50 == 0 or step == args.vae_steps - 1:
-            log(f"vae step {step}/{args.vae_steps} loss {loss.item():.4f} lr {lr:.2e} "
-                f"({time.time() - start:.0f} s)")
-    vae.eval()
-    mean, std = latent_stats(vae, args.seed, args.stat_scenes)
-    vae.register_to_config(latents_mean=mean, latents_std=std)
+        vae_step(vae, opt, vae_batch(rng, args.vae_batch, 128), lr, args, f"vae step {step}/{args.vae_steps}",
+                 step % 50 == 0 or step == args.vae_steps - 1, start)
     figures = {"vae_steps": args.vae_steps, "vae_seconds": round(time.time() - start, 1),
-               "vae_psnr_held_out_1024": held_out_psnr(vae, args.seed, args.vae_eval // 4, 1024),
-               "vae_psnr_held_out_256": held_out_psnr(vae, args.seed, args.vae_eval, 256)}
+               **finish_vae(vae, args)}
     log("vae:", figures)
     vae.save_pretrained(done)
     (work / "vae.json").write_text(json.dumps(figures, indent=1))
@@ -219,26 +228,11 @@ def train_colours(args, work: Path) -> dict:
     start = time.time()
     for step in range(args.colour_steps):
         lr = args.colour_lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.colour_steps)))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x = colour_batch(rng, 16, 64)
-        z = vae.encode(x).latent_dist.mode()
-        y = decode_unclamped(vae, z + args.vae_noise * torch.randn_like(z))
-        loss = (y - x).abs().mean() + (y - x).pow(2).mean() + args.vae_penalty * z.pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        if step % 50 == 0 or step == args.colour_steps - 1:
-            log(f"colours step {step}/{args.colour_steps} loss {loss.item():.4f} lr {lr:.2e} "
-                f"({time.time() - start:.0f} s)")
-    vae.eval()
-    mean, std = latent_stats(vae, args.seed, args.stat_scenes)
-    vae.register_to_config(latents_mean=mean, latents_std=std)
-    figures = {"colour_steps": args.colour_steps, "colour_seconds": round(time.time() - start, 1),
-               "colours_before": before, "colours_after": colour_separation(vae),
-               "vae_psnr_held_out_1024": held_out_psnr(vae, args.seed, args.vae_eval // 4, 1024),
-               "vae_psnr_held_out_256": held_out_psnr(vae, args.seed, args.vae_eval, 256)}
+        vae_step(vae, opt, colour_batch(rng, 16, 64), lr, args, f"colours step {step}/{args.colour_steps}",
+                 step % 50 == 0 or step == args.colour_steps - 1, start)
+    seconds = round(time.time() - start, 1)
+    figures = {"colour_steps": args.colour_steps, "colour_seconds": seconds, **finish_vae(vae, args),
+               "colours_before": before, "colours_after": colour_separation(vae)}
     log("colours:", figures)
     vae.save_pretrained(done)
     (work / "vae-colour.json").write_text(json.dumps(figures, indent=1))
@@ -392,6 +386,27 @@ def copy_head_init(model, bias: float = 4.0, gain: float = 3.0) -> None:
                 norm.weight[dims] = gain
 
 
+def flow_step(model, opt, x0, control, bucket, idx, grid: int, gen, mu: float):
+    """One flow-matching step on target tokens `x0` with `control` tokens, both grid x grid, and the prompt
+    embeddings of pairs `idx` of `bucket`: x_t = (1-s) x_0 + s noise, target noise - x_0."""
+    batch = x0.shape[0]
+    mask = bucket["mask"][idx].bool()
+    length = int(mask.sum(1).max())
+    embeds, mask = bucket["embeds"][idx, :length].float(), mask[:, :length]
+    sigma = train_sigmas(gen, batch, mu)
+    noise = torch.randn(x0.shape, generator=gen)
+    xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+    pred = model(hidden_states=torch.cat([xt, control], dim=1), timestep=sigma, encoder_hidden_states=embeds,
+                 encoder_hidden_states_mask=mask, img_shapes=[[(1, grid, grid), (1, grid, grid)]] * batch,
+                 return_dict=False)[0][:, : x0.shape[1]]
+    loss = (pred - (noise - x0)).pow(2).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss
+
+
 def load_data(work: Path) -> dict[int, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
@@ -434,21 +449,7 @@ def train_transformer(args, work: Path) -> dict:
         idx = torch.tensor([rng.randrange(bucket["target"].shape[0]) for _ in range(batch)])
         x0 = bucket["target"][idx].float()
         control = bucket["control"][idx].float()
-        mask = bucket["mask"][idx].bool()
-        length = int(mask.sum(1).max())
-        embeds, mask = bucket["embeds"][idx, :length].float(), mask[:, :length]
-        sigma = train_sigmas(gen, batch, mu)
-        noise = torch.randn(x0.shape, generator=gen)
-        xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
-        g = size // 16
-        pred = model(hidden_states=torch.cat([xt, control], dim=1), timestep=sigma, encoder_hidden_states=embeds,
-                     encoder_hidden_states_mask=mask, img_shapes=[[(1, g, g), (1, g, g)]] * batch,
-                     return_dict=False)[0][:, : x0.shape[1]]
-        loss = (pred - (noise - x0)).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = flow_step(model, opt, x0, control, bucket, idx, size // 16, gen, mu)
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             for e, p in zip(ema.parameters(), model.parameters()):
@@ -519,20 +520,7 @@ def train_long(args, work: Path) -> dict:
         x0, control = bucket["target"][idx].float(), bucket["control"][idx].float()
         if grid != size // 16:
             x0, control = regrid(x0, size // 16, grid), regrid(control, size // 16, grid)
-        mask = bucket["mask"][idx].bool()
-        length = int(mask.sum(1).max())
-        embeds, mask = bucket["embeds"][idx, :length].float(), mask[:, :length]
-        sigma = train_sigmas(gen, batch, mu)
-        noise = torch.randn(x0.shape, generator=gen)
-        xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
-        pred = model(hidden_states=torch.cat([xt, control], dim=1), timestep=sigma, encoder_hidden_states=embeds,
-                     encoder_hidden_states_mask=mask, img_shapes=[[(1, grid, grid), (1, grid, grid)]] * batch,
-                     return_dict=False)[0][:, : x0.shape[1]]
-        loss = (pred - (noise - x0)).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = flow_step(model, opt, x0, control, bucket, idx, grid, gen, mu)
         with torch.no_grad():
             for e, p in zip(ema.parameters(), model.parameters()):
                 e.lerp_(p, 1 - args.long_ema)
