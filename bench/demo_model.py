@@ -43,7 +43,7 @@ from parity import pipeline, render  # noqa: E402
 from parity.preprocess import PROMPT_RESIZE, VAE_RESIZE, vae_size  # noqa: E402
 from parity.recipe import LORA_NONE, Recipe, scheduler_json  # noqa: E402
 
-DEMO = REPO / "cases/workspace/aitk/demo-qwen-image-edit-2509"
+DEMO = REPO / "cases/workspace/aitk/demo-qwen-image-edit-2509"  # where train.py's checkpoint is meant to go
 TARGETS = {"edit_accuracy": 0.8, "resemblance": 0.6, "guidance_effect": 8.0, "cfg_norm_over_floor": 10.0}
 HELD_OUT_SEED = "bench-held-out"  # training draws from "<seed>:data" and "<seed>:vae"
 
@@ -85,6 +85,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write the per-sample figures here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if not (Path(args.model) / "model_index.json").exists():
+        print(f"no demo model at {args.model}: train one with\n"
+              f"  python scripts/demo_model/train.py --out {args.model}\n(about 75 minutes on 2 CPU cores)")
+        return 2
     loaded = pipeline.load(args.model, "cpu", args.dtype)
     scheduler = dict(loaded.pipe.scheduler.config)
     rows, sheet = [], []
