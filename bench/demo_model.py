@@ -1,4 +1,4 @@
-"""Does the bundled demo model make pictures and listen to its prompt? Four figures on held-out edits.
+"""Does the demo model (scripts/demo_model/train.py) make pictures and listen to its prompt? Four figures.
 
     python bench/demo_model.py [--model DIR] [--count N] [--steps 25] [--dtype float32] [--sheet PNG]
 
