@@ -13,7 +13,8 @@ from pathlib import Path
 
 from . import options as table
 from .options import OptionError
-from .runner import plan, run, set_threads, stop_on_sigterm, summary_line
+from .interrupt import stop_on_sigterm
+from .runner import plan, run, set_threads, summary_line
 
 
 def parser() -> argparse.ArgumentParser:

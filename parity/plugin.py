@@ -18,7 +18,8 @@ import pytest
 from . import options as table
 from .options import OptionError
 from .plan import Task
-from .runner import Checker, plan, set_threads, stop_on_sigterm, summary_line
+from .interrupt import INTERRUPT, stop_on_sigterm
+from .runner import Checker, plan, set_threads, summary_line
 
 
 def pytest_addoption(parser):
@@ -40,6 +41,8 @@ class ParityPlugin:
         self.options = options_from(config)
         self._checker: Checker | None = None
         self.records: list[dict] = []
+        self._polling = None  # INTERRUPT.loop() while this session checks previews
+        self._session = None
 
     @property
     def checker(self) -> Checker:
@@ -69,13 +72,27 @@ class ParityPlugin:
     def _parity_session(self) -> None:
         """This session checks previews: a killed CI job (SIGTERM) still writes the report of what was done.
         Only then, so that the plugin, active in every pytest run once installed, leaves other suites alone."""
-        if not hasattr(self.config, "workerinput"):
+        if not hasattr(self.config, "workerinput") and not self._polling:
             stop_on_sigterm()
+            self._polling = INTERRUPT.loop()
+            self._polling.__enter__()  # left in `pytest_unconfigure`
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_xdist_node_collection_finished(self, node, ids):
         if any("test_preview[" in i for i in ids):  # under xdist the controller collects nothing itself
             self._parity_session()
+
+    def pytest_sessionstart(self, session):
+        self._session = session
+
+    def pytest_runtest_logfinish(self, nodeid, location):
+        if INTERRUPT.pending:  # a SIGTERM between previews: pytest stops before the next test, as interrupted
+            self._session.shouldstop = "SIGTERM"
+
+    def pytest_unconfigure(self, config):
+        if self._polling is not None:
+            self._polling.__exit__(None, None, None)
+            self._polling = None
 
     def pytest_runtest_logreport(self, report):
         # Records travel on the test reports, so the controller gets them from xdist workers too.
@@ -90,7 +107,8 @@ class ParityPlugin:
         return self
 
     def verify(self, task) -> None:
-        row = self.checker.check(task)
+        with INTERRUPT.check():
+            row = self.checker.check(task)
         self._node.user_properties.append(("parity_record", json.dumps(row, default=str)))
         verdict = row["verdict"]
         if verdict == "skipped":

@@ -23,6 +23,7 @@ from .errors import CaseError
 from .findings import find
 from .goldens import Goldens, fingerprint, golden_name
 from .images import check_mode, save_preview
+from .interrupt import INTERRUPT
 from .images import save as write_image
 from .options import Options
 from .plan import Task, plan  # noqa: F401 (re-exported: the library's entry points)
@@ -322,25 +323,29 @@ def run(options: Options, tasks: list[Task] | None = None, progress=None) -> lis
     """Check every task and write the reports; returns the records.
 
     `progress` (optional) is told `start(task)` and `done(task, record)`. Interrupted (Ctrl-C, or SIGTERM once
-    `stop_on_sigterm` is in force), the reports of the previews done so far are written, marked as interrupted,
-    and the KeyboardInterrupt goes on; every finished render is in the cache, so running again resumes."""
+    `interrupt.stop_on_sigterm` is in force), the reports of the previews done so far are written, marked as
+    interrupted, and the KeyboardInterrupt goes on; every finished render is in the cache, so running again
+    resumes."""
     from .report import write_reports
 
     tasks = plan(options) if tasks is None else tasks
     checker = Checker(options)
     records: list[dict] = []
-    try:
-        for task in tasks:
-            if progress is not None:
-                progress.start(task)
-            records.append(checker.check(task))
-            if progress is not None:
-                progress.done(task, records[-1])
-    finally:
-        env = dict(checker.env)
-        if len(records) < len(tasks):
-            env["interrupted"] = f"after {len(records)} of {len(tasks)} previews"
-        write_reports(records, options.report_dir, env)
+    with INTERRUPT.loop():  # a SIGTERM outside a check waits for the loop: the reports are always written whole
+        try:
+            for task in tasks:
+                if progress is not None:
+                    progress.start(task)
+                with INTERRUPT.check():
+                    record = checker.check(task)
+                records.append(record)
+                if progress is not None:
+                    progress.done(task, record)
+        finally:
+            env = dict(checker.env)
+            if len(records) < len(tasks):
+                env["interrupted"] = f"after {len(records)} of {len(tasks)} previews"
+            write_reports(records, options.report_dir, env)
     return records
 
 
@@ -354,22 +359,6 @@ def summary_line(records: list[dict]) -> str:
     seconds = sum(r.get("check_seconds") or 0 for r in records)
     return (f"preview-parity: {verdicts} ({len(records)} previews); {made} renders made, the rest from the render "
             f"cache; {seconds:.1f} s checking")
-
-
-def stop_on_sigterm() -> None:
-    """Turn SIGTERM (a killed CI job, `timeout`) into KeyboardInterrupt, so the report of what was done is
-    written as on Ctrl-C. Only from the main thread, and only where nobody else handles SIGTERM."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-        signal.signal(signal.SIGTERM, _raise_interrupt)
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def set_threads() -> None:
