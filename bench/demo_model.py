@@ -49,13 +49,13 @@ HELD_OUT_SEED = "bench-held-out"  # training draws from "<seed>:data" and "<seed
 
 
 def held_out(count: int) -> list[tuple[task.Scene, task.Edit]]:
-    """`count` scenes with one edit each, the three edit kinds in turn."""
+    """`count` scenes with one edit each, the two edit kinds in turn."""
     rng = random.Random(HELD_OUT_SEED)
-    kinds = ("recolour", "remove", "background")
+    kinds = ("shapes", "background")
     out = []
     for i in range(count):
         scene = task.random_scene(rng)
-        out.append((scene, task.random_edit(scene, rng, kinds=(kinds[i % 3],), weights=(1.0,))))
+        out.append((scene, task.random_edit(scene, rng, kinds=(kinds[i % 2],), weights=(1.0,))))
     return out
 
 
@@ -76,7 +76,7 @@ def mean_abs(a: Image.Image, b: Image.Image) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(DEMO))
-    p.add_argument("--count", type=int, default=12, help="held-out edits (default 12: four of each kind)")
+    p.add_argument("--count", type=int, default=12, help="held-out edits (default 12: six of each kind)")
     p.add_argument("--pairs", type=int, default=3, help="samples for the CFG-norm and noise-floor renders")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))

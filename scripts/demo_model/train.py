@@ -59,6 +59,7 @@ TRANSFORMER_CONFIG = dict(patch_size=2, in_channels=64, out_channels=16, num_lay
 VAE_SIZES = (256, 384, 512, 1024)  # what the VAE sees: training sizes and the pipeline's ~1024 px
 TRAIN_SIZES = ((256, 0.45), (384, 0.35), (512, 0.2))  # (square size, share of transformer batches)
 NULL_PROMPTS = ("", " ")
+TEMPLATE_END = ("<|im_end|>", "\n", "<|im_start|>", "assistant", "\n")  # after the prompt in encode_prompt
 
 
 def log(*args):
@@ -303,7 +304,8 @@ def make_data(args, work: Path) -> None:
     pipe = make_pipeline(work)
     rng = seeded(args.seed, "data")
     sizes, shares = zip(*TRAIN_SIZES)
-    buckets: dict[int, dict[str, list]] = {s: {"control": [], "target": [], "prompt": []} for s in sizes}
+    buckets: dict[int, dict[str, list]] = {s: {"control": [], "target": [], "prompt": [], "words": []}
+                                           for s in sizes}
     prompts = []
     start = time.time()
     with torch.no_grad():
@@ -318,7 +320,12 @@ def make_data(args, work: Path) -> None:
                 bucket = buckets[size]
                 bucket["control"].append(latents[0])
                 bucket["target"].append(latents[1 + j])
-                bucket["prompt"].append(prompt_embeds(pipe, prompt, control, stock_pil=rng.random() < 0.5))
+                embeds = prompt_embeds(pipe, prompt, control, stock_pil=rng.random() < 0.5)
+                bucket["prompt"].append(embeds)
+                # The prompt's words are the last tokens but the template's 5-token end ("<|im_end|>\n
+                # <|im_start|>assistant\n"); what comes before (template, picture tokens) is the same for all.
+                words = len(pipe.tokenizer(prompt, add_special_tokens=False).input_ids)
+                bucket["words"].append(embeds.shape[0] - len(TEMPLATE_END) - words)
                 prompts.append(prompt)
             if i % 100 == 0:
                 log(f"data: scene {i}/{args.scenes} ({time.time() - start:.0f} s)")
@@ -333,7 +340,8 @@ def make_data(args, work: Path) -> None:
             mask[k, : e.shape[0]] = True
         save_file({"control": torch.stack(bucket["control"]).contiguous(),
                    "target": torch.stack(bucket["target"]).contiguous(),
-                   "embeds": embeds.contiguous(), "mask": mask.to(torch.uint8).contiguous()},
+                   "embeds": embeds.contiguous(), "mask": mask.to(torch.uint8).contiguous(),
+                   "words": torch.tensor(bucket["words"], dtype=torch.int64)},
                   str(work / f"data_{size}.safetensors"))
     (work / "data.json").write_text(json.dumps({
         "scenes": args.scenes, "pairs": len(prompts), "seconds": round(time.time() - start, 1),
@@ -386,9 +394,10 @@ def copy_head_init(model, bias: float = 4.0, gain: float = 3.0) -> None:
                 norm.weight[dims] = gain
 
 
-def flow_step(model, opt, x0, control, bucket, idx, grid: int, gen, mu: float):
-    """One flow-matching step on target tokens `x0` with `control` tokens, both grid x grid, and the prompt
-    embeddings of pairs `idx` of `bucket`: x_t = (1-s) x_0 + s noise, target noise - x_0."""
+def noisy_inputs(x0, control, bucket, idx, grid: int, gen, mu: float) -> tuple[dict, torch.Tensor]:
+    """The transformer's inputs for target tokens `x0` with `control` tokens, both grid x grid, and the prompt
+    embeddings of pairs `idx` of `bucket`, at sigmas drawn for training: x_t = (1-s) x_0 + s noise. Returns them
+    and the flow-matching target, noise - x_0."""
     batch = x0.shape[0]
     mask = bucket["mask"][idx].bool()
     length = int(mask.sum(1).max())
@@ -396,15 +405,118 @@ def flow_step(model, opt, x0, control, bucket, idx, grid: int, gen, mu: float):
     sigma = train_sigmas(gen, batch, mu)
     noise = torch.randn(x0.shape, generator=gen)
     xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
-    pred = model(hidden_states=torch.cat([xt, control], dim=1), timestep=sigma, encoder_hidden_states=embeds,
-                 encoder_hidden_states_mask=mask, img_shapes=[[(1, grid, grid), (1, grid, grid)]] * batch,
-                 return_dict=False)[0][:, : x0.shape[1]]
-    loss = (pred - (noise - x0)).pow(2).mean()
+    inputs = dict(hidden_states=torch.cat([xt, control], dim=1), timestep=sigma, encoder_hidden_states=embeds,
+                  encoder_hidden_states_mask=mask, img_shapes=[[(1, grid, grid), (1, grid, grid)]] * batch,
+                  return_dict=False)
+    return inputs, noise - x0
+
+
+def flow_step(model, opt, x0, control, bucket, idx, grid: int, gen, mu: float):
+    """One flow-matching step (see `noisy_inputs`)."""
+    inputs, target = noisy_inputs(x0, control, bucket, idx, grid, gen, mu)
+    pred = model(**inputs)[0][:, : x0.shape[1]]
+    loss = (pred - target).pow(2).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     return loss
+
+
+def logistic_score(pos: torch.Tensor, neg: torch.Tensor, steps: int = 300):
+    """A linear score that is > 0 on the rows of `pos` and < 0 on those of `neg`: logistic regression, the two
+    classes weighted equally, a little L2; full-batch L-BFGS, so deterministic. Returns it as a Linear(d, 1)."""
+    x = torch.cat([pos, neg])
+    y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).to(x.dtype)
+    weight = torch.where(y > 0, 0.5 / len(pos), 0.5 / len(neg))
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    lin = torch.nn.Linear(x.shape[1], 1).to(x.dtype)
+    torch.nn.init.zeros_(lin.weight)
+    torch.nn.init.zeros_(lin.bias)
+    opt = torch.optim.LBFGS(lin.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logits = lin((x - mean) / std)[:, 0]
+        loss = (torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none") * weight).sum()
+        loss = loss + 1e-4 * lin.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    out = torch.nn.Linear(x.shape[1], 1).to(x.dtype)  # the same score on unstandardised inputs
+    with torch.no_grad():
+        out.weight.copy_(lin.weight / std)
+        out.bias.copy_(lin.bias - (lin.weight / std) @ mean)
+    return out.requires_grad_(False)
+
+
+def reader_head_init(model, bucket, gen, mu: float, head: int = 1, bias: float = 4.0, gain: float = 1.5,
+                     pairs: int = 48) -> dict:
+    """Start head `head` of every block as a prompt reader: every image token attends to the prompt's last word
+    (the colour, which decides the edit: see task.py).
+
+    The prompt embeddings hold ~200 tokens of template and picture that are the same for every prompt, then a
+    handful of words; a head that spreads its attention over all of them passes on a few hundredths of what
+    tells prompts apart, and the first model trained here (an hour of CPU) ignored its prompt. So, in head
+    `head`:
+    - image queries get a constant part v, on rotary pairs that turn slowest (nearly unturned at any position,
+      so scores do not depend on where tokens are);
+    - image keys get -v: image tokens score lowest;
+    - text keys get u + z(x) v, u on another slow pair, where z is a linear score of the text token's hidden
+      state (the input of `add_k_proj`) fitted on training pairs by logistic regression, last word against
+      every other token: ~1 on the last word, negative on the rest. After the key RMSNorm the score still
+      grows with z (u keeps a key of small z from being blown up to full length);
+    - the q/k RMSNorm weights on those dimensions are raised so the scores stand apart.
+    Blocks are fitted in order, each on the hidden states the blocks before it make. Values and outputs stay
+    random: training learns what to do with what is read. Returns, per block, the lowest score of a last word
+    and the highest of any other token, in the units where the last words average 1.
+    """
+    cfg = model.config
+    d = cfg.attention_head_dim
+    t, h, _ = cfg.axes_dims_rope
+    u, v = 2 * (t // 2 - 1), [2 * (t // 2 + h // 2 - 1), d - 2]  # slowest frame pair; slowest row, column pairs
+    rows = slice(head * d, (head + 1) * d)
+    size = bucket["target"].shape[1]
+    grid = int(round(size ** 0.5))
+    idx = torch.arange(min(pairs, bucket["target"].shape[0]))
+    inputs, _ = noisy_inputs(bucket["target"][idx].float(), bucket["control"][idx].float(), bucket, idx, grid,
+                             gen, mu)
+    mask = inputs["encoder_hidden_states_mask"]
+    last = torch.zeros_like(mask)  # the prompt's last word (none for an empty prompt)
+    for k, start in enumerate(bucket["words"][idx].tolist()):
+        end = int(mask[k].sum()) - len(TEMPLATE_END)
+        last[k, end - 1] = end > start
+    rest = mask & ~last
+    separation = {}
+    if last.sum() < 2:  # a tiny test run may draw only empty prompts: nothing to fit on
+        return separation
+    for b, block in enumerate(model.transformer_blocks):
+        attn = block.attn
+        seen = []
+        hook = attn.add_k_proj.register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
+        with torch.no_grad():
+            model(**inputs)
+        hook.remove()
+        x = seen[0].double()
+        z = logistic_score(x[last], x[rest])  # > 0 for the last word, < 0 for the rest
+        zw, zr = z(x[last])[:, 0], z(x[rest])[:, 0]
+        scale = 1.0 / zw.mean()  # (s - 1) = scale * z: the last word ~1, the rest mostly negative
+        separation[f"block{b}"] = {"last_word_min": round(float(zw.min() * scale), 2),
+                                   "rest_max": round(float(zr.max() * scale), 2)}
+        with torch.no_grad():
+            for proj in (attn.to_q, attn.to_k, attn.add_k_proj):
+                proj.weight[rows] *= 0.1
+                proj.bias[rows] = 0.0
+            attn.add_k_proj.bias[head * d + u] = bias
+            for j in v:
+                attn.to_q.bias[head * d + j] = bias
+                attn.to_k.bias[head * d + j] = -bias
+                attn.add_k_proj.weight[head * d + j] = (bias * scale * z.weight[0]).float()
+                attn.add_k_proj.bias[head * d + j] = float(bias * scale * z.bias)
+            for norm in (attn.norm_q, attn.norm_k, attn.norm_added_k):
+                norm.weight[[u, *v]] = gain
+    return separation
 
 
 def load_data(work: Path) -> dict[int, dict[str, torch.Tensor]]:
@@ -430,6 +542,9 @@ def train_transformer(args, work: Path) -> dict:
     torch.manual_seed(args.seed)
     model = QwenImageTransformer2DModel(**TRANSFORMER_CONFIG)
     copy_head_init(model)
+    separation = reader_head_init(model, data[min(data)], torch.Generator().manual_seed(args.seed + 5), mu)
+    log("transformer: prompt reader head (last-word scores: lowest of the last words, highest of the rest):",
+        separation)
     ema = QwenImageTransformer2DModel(**TRANSFORMER_CONFIG)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
@@ -461,7 +576,7 @@ def train_transformer(args, work: Path) -> dict:
         if args.checkpoint_every and step and step % args.checkpoint_every == 0:
             ema.save_pretrained(work / f"transformer-step{step}")
     figures = {"transformer_steps": args.steps, "transformer_seconds": round(time.time() - start, 1),
-               "final_loss": round(float(np.mean(losses[-200:])), 4)}
+               "final_loss": round(float(np.mean(losses[-200:])), 4), "reader_separation": separation}
     ema.save_pretrained(done)
     (work / "transformer.json").write_text(json.dumps(figures, indent=1))
     log("transformer:", figures)
