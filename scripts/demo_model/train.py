@@ -17,10 +17,14 @@ Stages, each kept under `--work` so an interrupted run resumes at the stage it w
 3. `transformer`: QwenImageTransformer2DModel trained with flow matching (x_t = (1-s) x_0 + s noise, target
    noise - x_0) on the target tokens of the pipeline's sequence [target tokens, control tokens] with its
    `img_shapes` and text mask, sigmas drawn through the scheduler's shift for a ~1024 px render; the saved
-   weights are an exponential moving average.
+   weights are an exponential moving average. Head 0 of every block starts as a copy head
+   (`copy_head_init`), head 1 as a prompt reader (`reader_head_init`); the data stage keeps where each
+   prompt's words start for it.
+3a. `edits`: the averaged transformer trained further with the loss on the tokens an edit changes weighted up
+   (after stage 3 it did backgrounds but often kept the shapes' own colours).
 3b. `long`: the averaged transformer trained further on render-size sequences (48x48 and 64x64 tokens, the
    512 px pairs resized in latent space), alternating with small 256 px batches: at 64x64 the stage-3 model
-   drew speckles. Head 0 of every block starts as a copy head (`copy_head_init`).
+   drew speckles.
 4. `assemble`: the diffusers folder: the trained VAE and transformer, the frozen random text encoder,
    tokenizer and processor of the tiny checkpoint and its scheduler config (the real one), and
    `training.json` (arguments, configs, times, machine, held-out figures).
@@ -411,11 +415,16 @@ def noisy_inputs(x0, control, bucket, idx, grid: int, gen, mu: float) -> tuple[d
     return inputs, noise - x0
 
 
-def flow_step(model, opt, x0, control, bucket, idx, grid: int, gen, mu: float):
-    """One flow-matching step (see `noisy_inputs`)."""
+def flow_step(model, opt, x0, control, bucket, idx, grid: int, gen, mu: float, edit_weight: float = 0.0):
+    """One flow-matching step (see `noisy_inputs`); with `edit_weight`, the tokens where target and control
+    differ count 1 + edit_weight times."""
     inputs, target = noisy_inputs(x0, control, bucket, idx, grid, gen, mu)
     pred = model(**inputs)[0][:, : x0.shape[1]]
-    loss = (pred - target).pow(2).mean()
+    if edit_weight:
+        weight = 1 + edit_weight * ((x0 - control).abs().mean(-1, keepdim=True) > 0.05).float()
+        loss = ((pred - target).pow(2) * weight).mean() / weight.mean()
+    else:
+        loss = (pred - target).pow(2).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -526,60 +535,101 @@ def load_data(work: Path) -> dict[int, dict[str, torch.Tensor]]:
             if (work / f"data_{size}.safetensors").exists()}
 
 
-def train_transformer(args, work: Path) -> dict:
-    from diffusers import QwenImageTransformer2DModel
+def render_mu() -> float:
+    """The sigma shift a render at the pipeline's ~1024x1024 control size uses (4096 target tokens)."""
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift
 
-    done = work / "transformer"
-    if (done / "config.json").exists():
-        log("transformer: already trained in", done)
-        return json.loads((work / "transformer.json").read_text())
-    data = load_data(work)
     sched = json.loads((TINY / "scheduler/scheduler_config.json").read_text())
-    # The sigma shift a render at the pipeline's ~1024x1024 control size uses (4096 target tokens).
-    mu = calculate_shift(4096, sched["base_image_seq_len"], sched["max_image_seq_len"], sched["base_shift"],
-                         sched["max_shift"])
-    torch.manual_seed(args.seed)
-    model = QwenImageTransformer2DModel(**TRANSFORMER_CONFIG)
-    copy_head_init(model)
-    separation = reader_head_init(model, data[min(data)], torch.Generator().manual_seed(args.seed + 5), mu)
-    log("transformer: prompt reader head (last-word scores: lowest of the last words, highest of the rest):",
-        separation)
-    ema = QwenImageTransformer2DModel(**TRANSFORMER_CONFIG)
-    ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
-    gen = torch.Generator().manual_seed(args.seed)
-    rng = seeded(args.seed, "batches")
+    return calculate_shift(4096, sched["base_image_seq_len"], sched["max_image_seq_len"], sched["base_shift"],
+                           sched["max_shift"])
+
+
+def flow_training(model, ema, data, args, label: str, steps: int, lr: float, warmup: int, ema_decay: float,
+                  seed: int, salt: str, edit_weight: float = 0.0, checkpoints: Path | None = None) -> list[float]:
+    """Flow-matching steps on pairs of every size (shares as TRAIN_SIZES), the rate warmed up then cosine down
+    to a tenth, `ema` following `model`. Returns the losses."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    gen = torch.Generator().manual_seed(seed)
+    rng = seeded(args.seed, salt)
+    mu = render_mu()
     sizes, shares = zip(*[(size, share) for size, share in TRAIN_SIZES if size in data])
     start, losses = time.time(), []
-    for step in range(args.steps):
-        warm = min(1.0, (step + 1) / 100)
-        lr = args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+    for step in range(steps):
+        rate = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = rate
         size = rng.choices(sizes, weights=shares)[0]
         bucket = data[size]
         batch = max(1, args.batch * 256 // (size // 16) ** 2)
         idx = torch.tensor([rng.randrange(bucket["target"].shape[0]) for _ in range(batch)])
         x0 = bucket["target"][idx].float()
         control = bucket["control"][idx].float()
-        loss = flow_step(model, opt, x0, control, bucket, idx, size // 16, gen, mu)
-        decay = min(args.ema, (1 + step) / (10 + step))
+        loss = flow_step(model, opt, x0, control, bucket, idx, size // 16, gen, mu, edit_weight)
+        decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for e, p in zip(ema.parameters(), model.parameters()):
                 e.lerp_(p, 1 - decay)
         losses.append(loss.item())
-        if step % 100 == 0 or step == args.steps - 1:
-            log(f"transformer step {step}/{args.steps} loss {np.mean(losses[-100:]):.4f} lr {lr:.2e} "
+        if step % 100 == 0 or step == steps - 1:
+            log(f"{label} step {step}/{steps} loss {np.mean(losses[-100:]):.4f} lr {rate:.2e} "
                 f"({time.time() - start:.0f} s)")
-        if args.checkpoint_every and step and step % args.checkpoint_every == 0:
-            ema.save_pretrained(work / f"transformer-step{step}")
+        if checkpoints and args.checkpoint_every and step and step % args.checkpoint_every == 0:
+            ema.save_pretrained(checkpoints.with_name(f"{checkpoints.name}-step{step}"))
+    return losses
+
+
+def train_transformer(args, work: Path) -> dict:
+    from diffusers import QwenImageTransformer2DModel
+
+    done = work / "transformer"
+    if (done / "config.json").exists():
+        log("transformer: already trained in", done)
+        return json.loads((work / "transformer.json").read_text())
+    data = load_data(work)
+    torch.manual_seed(args.seed)
+    model = QwenImageTransformer2DModel(**TRANSFORMER_CONFIG)
+    copy_head_init(model)
+    separation = reader_head_init(model, data[min(data)], torch.Generator().manual_seed(args.seed + 5),
+                                  render_mu())
+    log("transformer: prompt reader head (last-word scores: lowest of the last words, highest of the rest):",
+        separation)
+    ema = QwenImageTransformer2DModel(**TRANSFORMER_CONFIG)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    start = time.time()
+    losses = flow_training(model, ema, data, args, "transformer", args.steps, args.lr, 100, args.ema, args.seed,
+                           "batches", checkpoints=done)
     figures = {"transformer_steps": args.steps, "transformer_seconds": round(time.time() - start, 1),
                "final_loss": round(float(np.mean(losses[-200:])), 4), "reader_separation": separation}
     ema.save_pretrained(done)
     (work / "transformer.json").write_text(json.dumps(figures, indent=1))
     log("transformer:", figures)
+    return figures
+
+
+def train_edits(args, work: Path) -> dict:
+    """Stage 3a: the averaged transformer trained further with the loss on the tokens an edit changes weighted
+    `--edit-weight` times more. Those are a few percent of all tokens when only the shapes change; after stage
+    3 the model did backgrounds but often kept the shapes' own colours."""
+    from diffusers import QwenImageTransformer2DModel
+
+    done = work / "transformer-edits"
+    if (done / "config.json").exists():
+        log("edits: already trained in", done)
+        return json.loads((work / "transformer-edits.json").read_text())
+    data = load_data(work)
+    torch.manual_seed(args.seed + 7)
+    model = QwenImageTransformer2DModel.from_pretrained(work / "transformer")
+    ema = QwenImageTransformer2DModel.from_pretrained(work / "transformer")
+    ema.requires_grad_(False)
+    start = time.time()
+    losses = flow_training(model, ema, data, args, "edits", args.edit_steps, args.edit_lr, 50, args.edit_ema,
+                           args.seed + 7, "edits", edit_weight=args.edit_weight)
+    figures = {"edit_steps": args.edit_steps, "edit_seconds": round(time.time() - start, 1),
+               "edit_final_loss": round(float(np.mean(losses[-200:])), 4)}
+    ema.save_pretrained(done)
+    (work / "transformer-edits.json").write_text(json.dumps(figures, indent=1))
+    log("edits:", figures)
     return figures
 
 
@@ -603,7 +653,6 @@ def train_long(args, work: Path) -> dict:
     bilinear resizing well), one pair a step, every other step a small 256 px batch so nothing is forgotten.
     """
     from diffusers import QwenImageTransformer2DModel
-    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift
 
     done = work / "transformer-long"
     if (done / "config.json").exists():
@@ -611,12 +660,11 @@ def train_long(args, work: Path) -> dict:
         return json.loads((work / "transformer-long.json").read_text())
     data = load_data(work)
     small, large = min(data), max(data)
-    sched = json.loads((TINY / "scheduler/scheduler_config.json").read_text())
-    mu = calculate_shift(4096, sched["base_image_seq_len"], sched["max_image_seq_len"], sched["base_shift"],
-                         sched["max_shift"])
+    mu = render_mu()
     torch.manual_seed(args.seed + 3)
-    model = QwenImageTransformer2DModel.from_pretrained(work / "transformer")
-    ema = QwenImageTransformer2DModel.from_pretrained(work / "transformer")
+    source = work / ("transformer-edits" if (work / "transformer-edits" / "config.json").exists() else "transformer")
+    model = QwenImageTransformer2DModel.from_pretrained(source)
+    ema = QwenImageTransformer2DModel.from_pretrained(source)
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.long_lr, weight_decay=0.01, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(args.seed + 3)
@@ -688,7 +736,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=None, help="stage outputs (default: <out>.work)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--stages", default="vae,colour,data,transformer,long,assemble",
+    p.add_argument("--stages", default="vae,colour,data,transformer,edits,long,assemble",
                    help="stages to run (always in this order)")
     p.add_argument("--vae-steps", type=int, default=800)
     p.add_argument("--vae-batch", type=int, default=8)
@@ -707,6 +755,10 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--edit-steps", type=int, default=1500)
+    p.add_argument("--edit-lr", type=float, default=3e-4)
+    p.add_argument("--edit-ema", type=float, default=0.995)
+    p.add_argument("--edit-weight", type=float, default=4.0, help="edited tokens count 1 + this many times")
     p.add_argument("--long-steps", type=int, default=300)
     p.add_argument("--long-lr", type=float, default=2e-4)
     p.add_argument("--long-ema", type=float, default=0.95)
@@ -725,10 +777,13 @@ def main(argv=None) -> int:
         figures.update(json.loads((work / "data.json").read_text()))
     if "transformer" in stages:
         figures.update(train_transformer(args, work))
+    if "edits" in stages:
+        figures.update(train_edits(args, work))
     if "long" in stages:
         figures.update(train_long(args, work))
     if "assemble" in stages:
-        for name in ("vae.json", "vae-colour.json", "data.json", "transformer.json", "transformer-long.json"):
+        for name in ("vae.json", "vae-colour.json", "data.json", "transformer.json", "transformer-edits.json",
+                     "transformer-long.json"):
             if (work / name).exists():
                 figures.update(json.loads((work / name).read_text()))
         figures.pop("prompts", None)
