@@ -60,8 +60,7 @@ def test_an_edit_changes_only_its_region():
 
 def _train(out: Path) -> dict[str, str]:
     small = ["--threads", "1", "--vae-steps", "2", "--vae-batch", "2", "--vae-eval", "0", "--stat-scenes", "2",
-             "--colour-steps", "2", "--scenes", "3", "--steps", "3", "--batch", "2", "--edit-steps", "2",
-             "--long-steps", "2"]
+             "--colour-steps", "2", "--scenes", "3", "--steps", "3", "--batch", "2", "--long-steps", "2"]
     subprocess.run([sys.executable, str(TRAIN), "--out", str(out), *small], check=True, capture_output=True,
                    cwd=ROOT)
     return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -74,8 +73,7 @@ def test_training_is_reproducible_from_its_seed(tmp_path):
                           "transformer/diffusion_pytorch_model.safetensors"}
     assert first == second
     record = json.loads((tmp_path / "a" / "training.json").read_text())
-    assert record["seed"] == 0 and record["transformer_steps"] == 3 and record["edit_steps"] == 2
-    assert record["pairs"] == 6
+    assert record["seed"] == 0 and record["transformer_steps"] == 3 and record["pairs"] == 6
 
     import torch
     from diffusers import QwenImageEditPlusPipeline

@@ -20,8 +20,6 @@ Stages, each kept under `--work` so an interrupted run resumes at the stage it w
    weights are an exponential moving average. Head 0 of every block starts as a copy head
    (`copy_head_init`), head 1 as a prompt reader (`reader_head_init`); the data stage keeps where each
    prompt's words start for it.
-3a. `edits`: the averaged transformer trained further with the loss on the tokens an edit changes weighted up
-   (after stage 3 it did backgrounds but often kept the shapes' own colours).
 3b. `long`: the averaged transformer trained further on render-size sequences (48x48 and 64x64 tokens, the
    512 px pairs resized in latent space), alternating with small 256 px batches: at 64x64 the stage-3 model
    drew speckles.
@@ -415,16 +413,11 @@ def noisy_inputs(x0, control, bucket, idx, grid: int, gen, mu: float) -> tuple[d
     return inputs, noise - x0
 
 
-def flow_step(model, opt, x0, control, bucket, idx, grid: int, gen, mu: float, edit_weight: float = 0.0):
-    """One flow-matching step (see `noisy_inputs`); with `edit_weight`, the tokens where target and control
-    differ count 1 + edit_weight times."""
+def flow_step(model, opt, x0, control, bucket, idx, grid: int, gen, mu: float):
+    """One flow-matching step (see `noisy_inputs`)."""
     inputs, target = noisy_inputs(x0, control, bucket, idx, grid, gen, mu)
     pred = model(**inputs)[0][:, : x0.shape[1]]
-    if edit_weight:
-        weight = 1 + edit_weight * ((x0 - control).abs().mean(-1, keepdim=True) > 0.05).float()
-        loss = ((pred - target).pow(2) * weight).mean() / weight.mean()
-    else:
-        loss = (pred - target).pow(2).mean()
+    loss = (pred - target).pow(2).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -545,7 +538,7 @@ def render_mu() -> float:
 
 
 def flow_training(model, ema, data, args, label: str, steps: int, lr: float, warmup: int, ema_decay: float,
-                  seed: int, salt: str, edit_weight: float = 0.0, checkpoints: Path | None = None) -> list[float]:
+                  seed: int, salt: str, checkpoints: Path | None = None) -> list[float]:
     """Flow-matching steps on pairs of every size (shares as TRAIN_SIZES), the rate warmed up then cosine down
     to a tenth, `ema` following `model`. Returns the losses."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
@@ -564,7 +557,7 @@ def flow_training(model, ema, data, args, label: str, steps: int, lr: float, war
         idx = torch.tensor([rng.randrange(bucket["target"].shape[0]) for _ in range(batch)])
         x0 = bucket["target"][idx].float()
         control = bucket["control"][idx].float()
-        loss = flow_step(model, opt, x0, control, bucket, idx, size // 16, gen, mu, edit_weight)
+        loss = flow_step(model, opt, x0, control, bucket, idx, size // 16, gen, mu)
         decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for e, p in zip(ema.parameters(), model.parameters()):
@@ -607,32 +600,6 @@ def train_transformer(args, work: Path) -> dict:
     return figures
 
 
-def train_edits(args, work: Path) -> dict:
-    """Stage 3a: the averaged transformer trained further with the loss on the tokens an edit changes weighted
-    `--edit-weight` times more. Those are a few percent of all tokens when only the shapes change; after stage
-    3 the model did backgrounds but often kept the shapes' own colours."""
-    from diffusers import QwenImageTransformer2DModel
-
-    done = work / "transformer-edits"
-    if (done / "config.json").exists():
-        log("edits: already trained in", done)
-        return json.loads((work / "transformer-edits.json").read_text())
-    data = load_data(work)
-    torch.manual_seed(args.seed + 7)
-    model = QwenImageTransformer2DModel.from_pretrained(work / "transformer")
-    ema = QwenImageTransformer2DModel.from_pretrained(work / "transformer")
-    ema.requires_grad_(False)
-    start = time.time()
-    losses = flow_training(model, ema, data, args, "edits", args.edit_steps, args.edit_lr, 50, args.edit_ema,
-                           args.seed + 7, "edits", edit_weight=args.edit_weight)
-    figures = {"edit_steps": args.edit_steps, "edit_seconds": round(time.time() - start, 1),
-               "edit_final_loss": round(float(np.mean(losses[-200:])), 4)}
-    ema.save_pretrained(done)
-    (work / "transformer-edits.json").write_text(json.dumps(figures, indent=1))
-    log("edits:", figures)
-    return figures
-
-
 def regrid(tokens: torch.Tensor, grid: int, new: int) -> torch.Tensor:
     """Packed latents of a grid x grid token image resized (bilinear, in latent space) to new x new tokens."""
     import torch.nn.functional as F
@@ -662,9 +629,8 @@ def train_long(args, work: Path) -> dict:
     small, large = min(data), max(data)
     mu = render_mu()
     torch.manual_seed(args.seed + 3)
-    source = work / ("transformer-edits" if (work / "transformer-edits" / "config.json").exists() else "transformer")
-    model = QwenImageTransformer2DModel.from_pretrained(source)
-    ema = QwenImageTransformer2DModel.from_pretrained(source)
+    model = QwenImageTransformer2DModel.from_pretrained(work / "transformer")
+    ema = QwenImageTransformer2DModel.from_pretrained(work / "transformer")
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.long_lr, weight_decay=0.01, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(args.seed + 3)
@@ -736,7 +702,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=None, help="stage outputs (default: <out>.work)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--stages", default="vae,colour,data,transformer,edits,long,assemble",
+    p.add_argument("--stages", default="vae,colour,data,transformer,long,assemble",
                    help="stages to run (always in this order)")
     p.add_argument("--vae-steps", type=int, default=800)
     p.add_argument("--vae-batch", type=int, default=8)
@@ -755,10 +721,6 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--checkpoint-every", type=int, default=0)
-    p.add_argument("--edit-steps", type=int, default=1500)
-    p.add_argument("--edit-lr", type=float, default=3e-4)
-    p.add_argument("--edit-ema", type=float, default=0.995)
-    p.add_argument("--edit-weight", type=float, default=4.0, help="edited tokens count 1 + this many times")
     p.add_argument("--long-steps", type=int, default=300)
     p.add_argument("--long-lr", type=float, default=2e-4)
     p.add_argument("--long-ema", type=float, default=0.95)
@@ -777,13 +739,10 @@ def main(argv=None) -> int:
         figures.update(json.loads((work / "data.json").read_text()))
     if "transformer" in stages:
         figures.update(train_transformer(args, work))
-    if "edits" in stages:
-        figures.update(train_edits(args, work))
     if "long" in stages:
         figures.update(train_long(args, work))
     if "assemble" in stages:
-        for name in ("vae.json", "vae-colour.json", "data.json", "transformer.json", "transformer-edits.json",
-                     "transformer-long.json"):
+        for name in ("vae.json", "vae-colour.json", "data.json", "transformer.json", "transformer-long.json"):
             if (work / name).exists():
                 figures.update(json.loads((work / name).read_text()))
         figures.pop("prompts", None)
