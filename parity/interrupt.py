@@ -25,14 +25,21 @@ class Interrupt:
             return
         raise KeyboardInterrupt(f"signal {signum}")
 
+    def start(self) -> None:
+        """A loop over previews begins; it asks `pending` (or calls `check`) between previews."""
+        self.polled, self.pending = True, False
+
+    def stop(self) -> None:
+        self.polled = False
+
     @contextmanager
     def loop(self):
-        """A loop over previews: it asks `pending` (or calls `check`) between previews."""
-        self.polled, self.pending = True, False
+        """`start` ... `stop` around a loop over previews."""
+        self.start()
         try:
             yield self
         finally:
-            self.polled = False
+            self.stop()
 
     @contextmanager
     def check(self):

@@ -41,7 +41,7 @@ class ParityPlugin:
         self.options = options_from(config)
         self._checker: Checker | None = None
         self.records: list[dict] = []
-        self._polling = None  # INTERRUPT.loop() while this session checks previews
+        self._polling = False  # INTERRUPT started: this session checks previews
         self._session = None
 
     @property
@@ -74,8 +74,8 @@ class ParityPlugin:
         Only then, so that the plugin, active in every pytest run once installed, leaves other suites alone."""
         if not hasattr(self.config, "workerinput") and not self._polling:
             stop_on_sigterm()
-            self._polling = INTERRUPT.loop()
-            self._polling.__enter__()  # left in `pytest_unconfigure`
+            INTERRUPT.start()  # stopped in `pytest_unconfigure`
+            self._polling = True
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_xdist_node_collection_finished(self, node, ids):
@@ -90,9 +90,9 @@ class ParityPlugin:
             self._session.shouldstop = "SIGTERM"
 
     def pytest_unconfigure(self, config):
-        if self._polling is not None:
-            self._polling.__exit__(None, None, None)
-            self._polling = None
+        if self._polling:
+            INTERRUPT.stop()
+            self._polling = False
 
     def pytest_runtest_logreport(self, report):
         # Records travel on the test reports, so the controller gets them from xdist workers too.

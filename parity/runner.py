@@ -23,8 +23,8 @@ from .errors import CaseError
 from .findings import find
 from .goldens import Goldens, fingerprint, golden_name
 from .images import check_mode, save_preview
-from .interrupt import INTERRUPT
 from .images import save as write_image
+from .interrupt import INTERRUPT
 from .options import Options
 from .plan import Task, plan  # noqa: F401 (re-exported: the library's entry points)
 from .recipe import FIELD_NAMES, Recipe, differing_fields, switch
