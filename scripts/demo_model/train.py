@@ -537,6 +537,13 @@ def render_mu() -> float:
                            sched["max_shift"])
 
 
+def follow(ema, model, decay: float) -> None:
+    """One step of the exponential moving average `ema` of `model`'s weights."""
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1 - decay)
+
+
 def flow_training(model, ema, data, args, label: str, steps: int, lr: float, warmup: int, ema_decay: float,
                   seed: int, salt: str, checkpoints: Path | None = None) -> list[float]:
     """Flow-matching steps on pairs of every size (shares as TRAIN_SIZES), the rate warmed up then cosine down
@@ -559,9 +566,7 @@ def flow_training(model, ema, data, args, label: str, steps: int, lr: float, war
         control = bucket["control"][idx].float()
         loss = flow_step(model, opt, x0, control, bucket, idx, size // 16, gen, mu)
         decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters()):
-                e.lerp_(p, 1 - decay)
+        follow(ema, model, decay)
         losses.append(loss.item())
         if step % 100 == 0 or step == steps - 1:
             log(f"{label} step {step}/{steps} loss {np.mean(losses[-100:]):.4f} lr {rate:.2e} "
@@ -650,9 +655,7 @@ def train_long(args, work: Path) -> dict:
         if grid != size // 16:
             x0, control = regrid(x0, size // 16, grid), regrid(control, size // 16, grid)
         loss = flow_step(model, opt, x0, control, bucket, idx, grid, gen, mu)
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters()):
-                e.lerp_(p, 1 - args.long_ema)
+        follow(ema, model, args.long_ema)
         losses.append(loss.item())
         if step % 20 == 0 or step == args.long_steps - 1:
             log(f"long step {step}/{args.long_steps} grid {grid} loss {loss.item():.4f} ({time.time() - start:.0f} s)")
