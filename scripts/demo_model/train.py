@@ -9,6 +9,8 @@ Stages, each kept under `--work` so an interrupted run resumes at the stage it w
 1b. `colour`: encoder and decoder trained further on 64 px crops, half of them two task colours meeting at an
    edge, so that no colour's latent collapses onto another's; then the latents' per-channel mean and std over
    task scenes become `latents_mean`/`latents_std`, as in the real VAE config. Held-out PSNR is measured here.
+1c. `encoder`: the tiny checkpoint's random text encoder with the colour words marked on one embedding
+   dimension (`make_text_encoder`); it stays frozen.
 2. `data`: edit pairs encoded as the pipeline does: control and target latents (Lanczos resize, the VAE's mode,
    normalised, packed 2x2), and prompt embeddings from the pipeline's own `encode_prompt` with the control
    image passed as the two sides pass it (0-1 tensor, bilinear to ~384x384 area) for half the pairs and as
@@ -23,7 +25,7 @@ Stages, each kept under `--work` so an interrupted run resumes at the stage it w
 3b. `long`: the averaged transformer trained further on render-size sequences (48x48 and 64x64 tokens, the
    512 px pairs resized in latent space), alternating with small 256 px batches: at 64x64 the stage-3 model
    drew speckles.
-4. `assemble`: the diffusers folder: the trained VAE and transformer, the frozen random text encoder,
+4. `assemble`: the diffusers folder: the trained VAE and transformer, the text encoder of stage 1c, the
    tokenizer and processor of the tiny checkpoint and its scheduler config (the real one), and
    `training.json` (arguments, configs, times, machine, held-out figures).
 
@@ -61,6 +63,7 @@ TRANSFORMER_CONFIG = dict(patch_size=2, in_channels=64, out_channels=16, num_lay
 VAE_SIZES = (256, 384, 512, 1024)  # what the VAE sees: training sizes and the pipeline's ~1024 px
 TRAIN_SIZES = ((256, 0.45), (384, 0.35), (512, 0.2))  # (square size, share of transformer batches)
 NULL_PROMPTS = ("", " ")
+NULL_TOKENS = 1  # the most tokens a null prompt has; every edit prompt has more
 TEMPLATE_END = ("<|im_end|>", "\n", "<|im_start|>", "assistant", "\n")  # after the prompt in encode_prompt
 
 
@@ -253,10 +256,55 @@ def latent_stats(vae, seed: int, count: int) -> tuple[list[float], list[float]]:
     return [round(v, 4) for v in z.mean(1).tolist()], [round(v, 4) for v in z.std(1).tolist()]
 
 
+# ---------------------------------------------------------------- stage 1c: text encoder
+
+def colour_tokens(tokenizer) -> list[int]:
+    """The token that ends each colour word as it ends a prompt (" red", ..., the "ange" of " or|ange")."""
+    return [tokenizer(" " + word, add_special_tokens=False).input_ids[-1] for word in task.PALETTE]
+
+
+def make_text_encoder(args, work: Path) -> dict:
+    """The tiny checkpoint's random text encoder with one designed feature: word-embedding dimension 0 marks
+    the colour words.
+
+    At random weights the encoder's 16-dim hidden states do not set a prompt's colour word apart from the
+    ~200 template and picture tokens around it (a linear score fitted on them left most colour words inside
+    the rest's range), and a model trained on them ignored which shape colour its prompt asked for. Here the
+    colour tokens' embedding rows get a large dimension 0 (`--colour-mark` times the mean row norm) over their
+    own random direction in the other 15, dimension 0 of every other row and of the vision merger's output is
+    scaled by 0.1, so after the layers and the final norm a colour word stands apart on one axis and the
+    colours still differ from each other on the rest. Everything else stays as the tiny checkpoint has it.
+    """
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    out = work / "text_encoder"
+    if (out / "config.json").exists():
+        log("text encoder: already made in", out)
+        return json.loads((work / "text_encoder.json").read_text())
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(TINY / "text_encoder", dtype=torch.float32)
+    ids = colour_tokens(AutoTokenizer.from_pretrained(TINY / "tokenizer"))
+    emb = model.get_input_embeddings().weight
+    merger = model.model.visual.merger.mlp[2]
+    with torch.no_grad():
+        norm = emb.norm(dim=1).mean()
+        emb[:, 0] *= 0.1
+        merger.weight[0] *= 0.1
+        merger.bias[0] *= 0.1
+        for i in ids:
+            emb[i, 0] = 0.0
+            emb[i] *= norm / emb[i].norm()
+            emb[i, 0] = args.colour_mark * norm
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)  # the tiny checkpoint's dtype
+    figures = {"colour_tokens": ids, "colour_mark": args.colour_mark}
+    (work / "text_encoder.json").write_text(json.dumps(figures) + "\n")
+    log("text encoder: colour tokens", ids)
+    return figures
+
+
 # ---------------------------------------------------------------- stage 2: data
 
 def make_pipeline(work: Path, transformer=None):
-    """The pipeline's own classes around the trained VAE and the tiny checkpoint's frozen text encoder."""
+    """The pipeline's own classes around the trained VAE and the demo text encoder (`make_text_encoder`)."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
     from diffusers import QwenImageTransformer2DModel
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor
@@ -264,7 +312,7 @@ def make_pipeline(work: Path, transformer=None):
     return QwenImageEditPlusPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(TINY / "scheduler"),
         vae=AutoencoderKLQwenImage.from_pretrained(work / "vae-colour"),
-        text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(TINY / "text_encoder",
+        text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(work / "text_encoder",
                                                                          dtype=torch.float32),
         tokenizer=AutoTokenizer.from_pretrained(TINY / "tokenizer"),
         processor=Qwen2VLProcessor.from_pretrained(TINY / "processor"),
@@ -485,10 +533,10 @@ def reader_head_init(model, bucket, gen, mu: float, head: int = 1, bias: float =
     inputs, _ = noisy_inputs(bucket["target"][idx].float(), bucket["control"][idx].float(), bucket, idx, grid,
                              gen, mu)
     mask = inputs["encoder_hidden_states_mask"]
-    last = torch.zeros_like(mask)  # the prompt's last word (none for an empty prompt)
+    last = torch.zeros_like(mask)  # the prompt's last word: its colour (none for a null prompt)
     for k, start in enumerate(bucket["words"][idx].tolist()):
         end = int(mask[k].sum()) - len(TEMPLATE_END)
-        last[k, end - 1] = end > start
+        last[k, end - 1] = end - start > NULL_TOKENS  # " " is one token, but no colour word
     rest = mask & ~last
     separation = {}
     if last.sum() < 2:  # a tiny test run may draw only empty prompts: nothing to fit on
@@ -676,10 +724,11 @@ def assemble(args, work: Path, figures: dict) -> None:
         shutil.rmtree(out)
     pipe = make_pipeline(work, QwenImageTransformer2DModel.from_pretrained(work / "transformer-long"))
     pipe.save_pretrained(out, safe_serialization=True)
-    # The scheduler, text encoder, tokenizer and processor are the tiny checkpoint's files, byte for byte.
-    for part in ("scheduler", "text_encoder", "tokenizer", "processor"):
+    # The scheduler, tokenizer and processor are the tiny checkpoint's files, byte for byte; the text encoder
+    # is the one the data was encoded with.
+    for part, source in (("scheduler", TINY), ("text_encoder", work), ("tokenizer", TINY), ("processor", TINY)):
         shutil.rmtree(out / part)
-        shutil.copytree(TINY / part, out / part)
+        shutil.copytree(source / part, out / part)
     record = {"seed": args.seed, "threads": args.threads, "torch": torch.__version__,
               "machine": platform.processor() or platform.machine(), "cpu": cpu_name(),
               "arguments": {k: v for k, v in vars(args).items() if k not in ("out", "work", "stages")},
@@ -705,7 +754,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=None, help="stage outputs (default: <out>.work)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--stages", default="vae,colour,data,transformer,long,assemble",
+    p.add_argument("--stages", default="vae,colour,encoder,data,transformer,long,assemble",
                    help="stages to run (always in this order)")
     p.add_argument("--vae-steps", type=int, default=800)
     p.add_argument("--vae-batch", type=int, default=8)
@@ -717,6 +766,8 @@ def main(argv=None) -> int:
     p.add_argument("--vae-eval", type=int, default=16, help="held-out scenes for the VAE's PSNR at 256 px "
                    "(a quarter of them at 1024 px)")
     p.add_argument("--stat-scenes", type=int, default=48, help="scenes for latents_mean/latents_std")
+    p.add_argument("--colour-mark", type=float, default=2.0,
+                   help="colour words' embedding dimension 0, in mean row norms (see make_text_encoder)")
     p.add_argument("--scenes", type=int, default=1000)
     p.add_argument("--edits-per-scene", type=int, default=2)
     p.add_argument("--steps", type=int, default=4000)
@@ -737,6 +788,8 @@ def main(argv=None) -> int:
         figures.update(train_vae(args, work))
     if "colour" in stages:
         figures.update(train_colours(args, work))
+    if "encoder" in stages:
+        figures.update(make_text_encoder(args, work))
     if "data" in stages:
         make_data(args, work)
         figures.update(json.loads((work / "data.json").read_text()))
@@ -745,7 +798,7 @@ def main(argv=None) -> int:
     if "long" in stages:
         figures.update(train_long(args, work))
     if "assemble" in stages:
-        for name in ("vae.json", "vae-colour.json", "data.json", "transformer.json", "transformer-long.json"):
+        for name in ("vae.json", "vae-colour.json", "text_encoder.json", "data.json", "transformer.json", "transformer-long.json"):
             if (work / name).exists():
                 figures.update(json.loads((work / name).read_text()))
         figures.pop("prompts", None)
