@@ -806,7 +806,7 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--more-steps", type=int, default=2000)
     p.add_argument("--more-lr", type=float, default=3e-4)
-    p.add_argument("--long-steps", type=int, default=300)
+    p.add_argument("--long-steps", type=int, default=600)
     p.add_argument("--long-lr", type=float, default=2e-4)
     p.add_argument("--long-ema", type=float, default=0.95)
     args = p.parse_args(argv)
