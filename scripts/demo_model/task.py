@@ -6,10 +6,17 @@ Data (all procedural, drawn from a seed; nothing is downloaded):
   not touching each other or the border; drawn 4x supersampled and box-filtered, so edges are anti-aliased;
 - an edit is one of: recolour every shape ("make the shapes blue", any of the six shape colours), recolour the
   background ("make the background black", one of the two other background colours), or no instruction (an
-  empty prompt: the picture stays as it is, which is what the model learns for the negative prompt of
-  classifier-free guidance). Which pixels change and to what follows from the prompt's last word and each
-  pixel of the control image alone (shape colours are saturated, backgrounds are not): an edit a model of a
-  few hundred thousand weights learns in an hour of CPU, and one it can only do by reading its prompt.
+  empty prompt: the picture stays as it is). Which pixels change and to what follows from the prompt's last
+  word and each pixel of the control image alone (shape colours are saturated, backgrounds are not): an edit
+  a model of a few hundred thousand weights learns in an hour of CPU, and one it can only do by reading its
+  prompt.
+
+How the training uses these pairs for classifier-free guidance (`train.training_pairs`): some pairs have their
+prompt dropped (the null prompt, target kept), so the negative prompt learns "some edit of this picture", and
+some edit pairs keep the control image as their target (the edit not carried out), so that, as with real edit
+models, the prompt alone under-commits and guidance makes the edit happen. With "keep the picture" as the only
+null-prompt target, the unconditional prediction never follows a render that has settled on an edit, and
+guidance 4 pushed every edit three or four times past its colour (the decoded renders were speckles).
 
 An edit is judged from pixels (`edit_is_right`): the median colour of each region the edit names (every
 shape, or the background), in the rendered picture scaled to the scene's size, must be nearest (in RGB) to the

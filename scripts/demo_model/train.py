@@ -14,12 +14,14 @@ Stages, each kept under `--work` so an interrupted run resumes at the stage it w
 2. `data`: edit pairs encoded as the pipeline does: control and target latents (Lanczos resize, the VAE's mode,
    normalised, packed 2x2), and prompt embeddings from the pipeline's own `encode_prompt` with the control
    image passed as the two sides pass it (0-1 tensor, bilinear to ~384x384 area) for half the pairs and as
-   stock `__call__` passes it (PIL) for the other half. Control and target share one size (256-512 px), so
-   control tokens line up with target tokens, as they do when a render's size is the control's VAE size.
+   stock `__call__` passes it (PIL) for the other half, and for each scene the null prompt's embeddings with
+   its control image (for CFG dropout). Control and target share one size (256-512 px), so control tokens
+   line up with target tokens, as they do when a render's size is the control's VAE size.
 3. `transformer`: QwenImageTransformer2DModel trained with flow matching (x_t = (1-s) x_0 + s noise, target
    noise - x_0) on the target tokens of the pipeline's sequence [target tokens, control tokens] with its
-   `img_shapes` and text mask, sigmas drawn through the scheduler's shift for a ~1024 px render; the saved
-   weights are an exponential moving average. Head 0 of every block starts as a copy head
+   `img_shapes` and text mask, sigmas drawn through the scheduler's shift for a ~1024 px render, a share of
+   prompts dropped and a share of edits left undone (`training_pairs`); the saved weights are an exponential
+   moving average. Head 0 of every block starts as a copy head
    (`copy_head_init`), head 1 as a prompt reader (`reader_head_init`); the data stage keeps where each
    prompt's words start for it.
 3a. `more`: the averaged transformer trained 2000 steps further (a second warm-up and decay): recoloured
@@ -347,6 +349,17 @@ def packed_latents(pipe, images: list[Image.Image]) -> torch.Tensor:
     return pipe._pack_latents(latents, len(images), latents.shape[1], g, g)
 
 
+def padded(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt embeddings of different lengths as one zero-padded tensor and its mask (uint8)."""
+    length = max(e.shape[0] for e in sequences)
+    embeds = torch.zeros(len(sequences), length, sequences[0].shape[-1])
+    mask = torch.zeros(len(sequences), length, dtype=torch.uint8)
+    for k, e in enumerate(sequences):
+        embeds[k, : e.shape[0]] = e
+        mask[k, : e.shape[0]] = 1
+    return embeds.contiguous(), mask.contiguous()
+
+
 def make_data(args, work: Path) -> None:
     from safetensors.torch import save_file
 
@@ -356,7 +369,7 @@ def make_data(args, work: Path) -> None:
     pipe = make_pipeline(work)
     rng = seeded(args.seed, "data")
     sizes, shares = zip(*TRAIN_SIZES)
-    buckets: dict[int, dict[str, list]] = {s: {"control": [], "target": [], "prompt": [], "words": []}
+    buckets: dict[int, dict[str, list]] = {s: {"control": [], "target": [], "prompt": [], "words": [], "null": []}
                                            for s in sizes}
     prompts = []
     start = time.time()
@@ -367,6 +380,8 @@ def make_data(args, work: Path) -> None:
             edits = [task.random_edit(scene, rng) for _ in range(args.edits_per_scene)]
             control = scene.draw()
             latents = packed_latents(pipe, [upsampled(scene, size)] + [upsampled(e.target, size) for e in edits])
+            # The null prompt with this control image: what a pair's prompt is replaced by when it is dropped.
+            null = prompt_embeds(pipe, rng.choice(NULL_PROMPTS), control, stock_pil=rng.random() < 0.5)
             for j, edit in enumerate(edits):
                 prompt = edit.prompt if edit.kind != "none" else rng.choice(NULL_PROMPTS)
                 bucket = buckets[size]
@@ -374,6 +389,7 @@ def make_data(args, work: Path) -> None:
                 bucket["target"].append(latents[1 + j])
                 embeds = prompt_embeds(pipe, prompt, control, stock_pil=rng.random() < 0.5)
                 bucket["prompt"].append(embeds)
+                bucket["null"].append(null)
                 # The prompt's words are the last tokens but the template's 5-token end ("<|im_end|>\n
                 # <|im_start|>assistant\n"); what comes before (template, picture tokens) is the same for all.
                 words = len(pipe.tokenizer(prompt, add_special_tokens=False).input_ids)
@@ -384,15 +400,11 @@ def make_data(args, work: Path) -> None:
     for size, bucket in buckets.items():
         if not bucket["prompt"]:  # a tiny run may draw no scene of some size
             continue
-        length = max(e.shape[0] for e in bucket["prompt"])
-        embeds = torch.zeros(len(bucket["prompt"]), length, bucket["prompt"][0].shape[-1])
-        mask = torch.zeros(len(bucket["prompt"]), length, dtype=torch.bool)
-        for k, e in enumerate(bucket["prompt"]):
-            embeds[k, : e.shape[0]] = e
-            mask[k, : e.shape[0]] = True
+        embeds, mask = padded(bucket["prompt"])
+        null_embeds, null_mask = padded(bucket["null"])
         save_file({"control": torch.stack(bucket["control"]).contiguous(),
                    "target": torch.stack(bucket["target"]).contiguous(),
-                   "embeds": embeds.contiguous(), "mask": mask.to(torch.uint8).contiguous(),
+                   "embeds": embeds, "mask": mask, "null_embeds": null_embeds, "null_mask": null_mask,
                    "words": torch.tensor(bucket["words"], dtype=torch.int64)},
                   str(work / f"data_{size}.safetensors"))
     (work / "data.json").write_text(json.dumps({
@@ -413,22 +425,26 @@ def train_sigmas(gen: torch.Generator, count: int, mu: float) -> torch.Tensor:
     return torch.where(plain, u, shifted)
 
 
-def copy_head_init(model, bias: float = 4.0, gain: float = 3.0) -> None:
+def copy_head_init(model, bias: float = 4.0, gain: float = 4.0, pairs_per_axis: int = 4) -> None:
     """Start head 0 of every block as a copy head: each target token attends to the control-image token at the
     same place. An edit model's basic operation; from a random start it did not appear within the hour of CPU
     training this model gets (the renders were blobs in the right background colour).
 
     Query and key of head 0 get equal constant parts (biases; their weights shrunk) on the rotary pairs of the
-    fastest frequency of the frame axis and the two fastest of the row and column axes, the key's frame pair
-    turned back by one frame, so that after the rotary embedding the score peaks where rows and columns match
-    and the frame is one apart (a control image right after the target). The q/k RMSNorm weights on those
-    dimensions (shared by the heads) are raised so the peak stands far above the other ~4096 control tokens
-    of a ~1024 px render. Values and outputs stay random: training learns what to do with what is copied.
+    fastest frequency of the frame axis and the `pairs_per_axis` fastest of the row and column axes, the key's
+    frame pair turned back by one frame, so that after the rotary embedding the score peaks where rows and
+    columns match and the frame is one apart (a control image right after the target). Along one axis the score
+    is a sum of cosines of the offset; with the two fastest frequencies alone (1 and 0.22 rad per token) it
+    comes back to within 7 % of its peak 31 and 57 tokens away, and at a ~1024 px render (64x64 tokens) 40 % of
+    the head's attention went to such far tokens (the renders' speckles). With four (down to 0.01 rad per
+    token) every offset of 4 to 127 tokens scores at least 0.8 below the peak. The q/k RMSNorm weights on those
+    dimensions (shared by the heads) are raised so the peak stands far above the other ~4096 control tokens.
+    Values and outputs stay random: training learns what to do with what is copied.
     """
     cfg = model.config
     d = cfg.attention_head_dim
     t, h, _ = cfg.axes_dims_rope
-    pairs = [0, t // 2, t // 2 + 1, t // 2 + h // 2, t // 2 + h // 2 + 1]  # complex pairs (2j, 2j+1)
+    pairs = [0] + [t // 2 + j for j in range(pairs_per_axis)] + [t // 2 + h // 2 + j for j in range(pairs_per_axis)]
     q, k = torch.zeros(d), torch.zeros(d)
     for j in pairs:
         q[2 * j] = k[2 * j] = bias
@@ -446,14 +462,43 @@ def copy_head_init(model, bias: float = 4.0, gain: float = 3.0) -> None:
                 norm.weight[dims] = gain
 
 
-def noisy_inputs(x0, control, bucket, idx, grid: int, gen, mu: float) -> tuple[dict, torch.Tensor]:
-    """The transformer's inputs for target tokens `x0` with `control` tokens, both grid x grid, and the prompt
-    embeddings of pairs `idx` of `bucket`, at sigmas drawn for training: x_t = (1-s) x_0 + s noise. Returns them
-    and the flow-matching target, noise - x_0."""
-    batch = x0.shape[0]
-    mask = bucket["mask"][idx].bool()
+def prompt_batch(bucket, idx, dropped=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt embeddings and mask of pairs `idx`; where `dropped` is true, the null prompt's with the same
+    control image instead."""
+    embeds, mask = bucket["embeds"][idx].float(), bucket["mask"][idx].bool()
+    if dropped is not None and bool(dropped.any()):
+        null, null_mask = bucket["null_embeds"][idx].float(), bucket["null_mask"][idx].bool()
+        length = max(embeds.shape[1], null.shape[1])
+        embeds, null = (torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[1])) for t in (embeds, null))
+        mask, null_mask = (torch.nn.functional.pad(t, (0, length - t.shape[1])) for t in (mask, null_mask))
+        embeds = torch.where(dropped[:, None, None], null, embeds)
+        mask = torch.where(dropped[:, None], null_mask, mask)
     length = int(mask.sum(1).max())
-    embeds, mask = bucket["embeds"][idx, :length].float(), mask[:, :length]
+    return embeds[:, :length], mask[:, :length]
+
+
+def training_pairs(bucket, idx, rng: random.Random, args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Target and control tokens of pairs `idx`, and which pairs have their prompt dropped.
+
+    Two things make the data act like a real edit model's, for classifier-free guidance (see task.py):
+    - a share `--drop` of pairs has its prompt replaced by the null prompt, target kept (CFG dropout): the null
+      prompt learns every edit of its control image, not only "keep it as it is", so once a render has settled
+      on an edit the unconditional prediction follows it and guidance does not push past it;
+    - a share `--unfollowed` of the other pairs has the control image as its target (the edit not carried out,
+      as real edit data often does not): at guidance 1 some renders under-commit, and guidance makes them edit.
+    """
+    x0, control = bucket["target"][idx].float(), bucket["control"][idx].float()
+    dropped = torch.tensor([rng.random() < args.drop for _ in idx])
+    unfollowed = torch.tensor([rng.random() < args.unfollowed for _ in idx]) & ~dropped
+    return torch.where(unfollowed[:, None, None], control, x0), control, dropped
+
+
+def noisy_inputs(x0, control, bucket, idx, grid: int, gen, mu: float, dropped=None) -> tuple[dict, torch.Tensor]:
+    """The transformer's inputs for target tokens `x0` with `control` tokens, both grid x grid, and the prompt
+    embeddings of pairs `idx` of `bucket` (`prompt_batch`), at sigmas drawn for training:
+    x_t = (1-s) x_0 + s noise. Returns them and the flow-matching target, noise - x_0."""
+    batch = x0.shape[0]
+    embeds, mask = prompt_batch(bucket, idx, dropped)
     sigma = train_sigmas(gen, batch, mu)
     noise = torch.randn(x0.shape, generator=gen)
     xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
@@ -463,9 +508,9 @@ def noisy_inputs(x0, control, bucket, idx, grid: int, gen, mu: float) -> tuple[d
     return inputs, noise - x0
 
 
-def flow_step(model, opt, x0, control, bucket, idx, grid: int, gen, mu: float):
+def flow_step(model, opt, x0, control, bucket, idx, grid: int, gen, mu: float, dropped=None):
     """One flow-matching step (see `noisy_inputs`)."""
-    inputs, target = noisy_inputs(x0, control, bucket, idx, grid, gen, mu)
+    inputs, target = noisy_inputs(x0, control, bucket, idx, grid, gen, mu, dropped)
     pred = model(**inputs)[0][:, : x0.shape[1]]
     loss = (pred - target).pow(2).mean()
     opt.zero_grad(set_to_none=True)
@@ -612,9 +657,8 @@ def flow_training(model, ema, data, args, label: str, steps: int, lr: float, war
         bucket = data[size]
         batch = max(1, args.batch * 256 // (size // 16) ** 2)
         idx = torch.tensor([rng.randrange(bucket["target"].shape[0]) for _ in range(batch)])
-        x0 = bucket["target"][idx].float()
-        control = bucket["control"][idx].float()
-        loss = flow_step(model, opt, x0, control, bucket, idx, size // 16, gen, mu)
+        x0, control, dropped = training_pairs(bucket, idx, rng, args)
+        loss = flow_step(model, opt, x0, control, bucket, idx, size // 16, gen, mu, dropped)
         decay = min(ema_decay, (1 + step) / (10 + step))
         follow(ema, model, decay)
         losses.append(loss.item())
@@ -728,10 +772,10 @@ def train_long(args, work: Path) -> dict:
             size, grid, batch = large, rng.choice((48, 64, 64)), 1
         bucket = data[size]
         idx = torch.tensor([rng.randrange(bucket["target"].shape[0]) for _ in range(batch)])
-        x0, control = bucket["target"][idx].float(), bucket["control"][idx].float()
+        x0, control, dropped = training_pairs(bucket, idx, rng, args)
         if grid != size // 16:
             x0, control = regrid(x0, size // 16, grid), regrid(control, size // 16, grid)
-        loss = flow_step(model, opt, x0, control, bucket, idx, grid, gen, mu)
+        loss = flow_step(model, opt, x0, control, bucket, idx, grid, gen, mu, dropped)
         follow(ema, model, args.long_ema)
         losses.append(loss.item())
         if step % 20 == 0 or step == args.long_steps - 1:
@@ -803,6 +847,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8, help="pairs per batch at 256 px (fewer at larger sizes)")
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--ema", type=float, default=0.998)
+    p.add_argument("--drop", type=float, default=0.2,
+                   help="share of pairs trained with the null prompt, target kept (CFG dropout)")
+    p.add_argument("--unfollowed", type=float, default=0.25,
+                   help="share of the other pairs trained to leave the control image as it is")
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--more-steps", type=int, default=2000)
     p.add_argument("--more-lr", type=float, default=3e-4)
