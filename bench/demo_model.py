@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if not (Path(args.model) / "model_index.json").exists():
         print(f"no demo model at {args.model}: train one with\n"
-              f"  python scripts/demo_model/train.py --out {args.model}\n(about 85 minutes on 2 CPU cores)")
+              f"  python scripts/demo_model/train.py --out {args.model}\n(about 95 minutes on 2 CPU cores)")
         return 2
     loaded = pipeline.load(args.model, "cpu", args.dtype)
     scheduler = dict(loaded.pipe.scheduler.config)

@@ -24,11 +24,12 @@ Stages, each kept under `--work` so an interrupted run resumes at the stage it w
    moving average. Head 0 of every block starts as a copy head
    (`copy_head_init`), head 1 as a prompt reader (`reader_head_init`); the data stage keeps where each
    prompt's words start for it.
-3a. `more`: the averaged transformer trained 2000 steps further (a second warm-up and decay): recoloured
-   shapes, a few percent of the tokens, are learned last.
+3a. `more`: the averaged transformer trained 2000 steps further (a second warm-up and decay), the loss on
+   shape tokens weighted 1 + `--shape-weight` (`shape_weights`): shapes, a few percent of the tokens, are
+   learned last.
 3b. `long`: the averaged transformer (of 3a) trained further on render-size sequences (48x48 and 64x64 tokens, the
-   512 px pairs resized in latent space), alternating with small 256 px batches: at 64x64 the stage-3 model
-   drew speckles.
+   512 px pairs resized in latent space), alternating with small 256 px batches, shape tokens weighted as
+   in 3a.
 4. `assemble`: the diffusers folder: the trained VAE and transformer, the text encoder of stage 1c, the
    tokenizer and processor of the tiny checkpoint and its scheduler config (the real one), and
    `training.json` (arguments, configs, times, machine, held-out figures).
@@ -508,11 +509,22 @@ def noisy_inputs(x0, control, bucket, idx, grid: int, gen, mu: float, dropped=No
     return inputs, noise - x0
 
 
-def flow_step(model, opt, x0, control, bucket, idx, grid: int, gen, mu: float, dropped=None):
-    """One flow-matching step (see `noisy_inputs`)."""
+SHAPE_DISTANCE = 4.0  # a control token this far from its picture's median token is a shape (or its edge)
+
+
+def shape_weights(control: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-token loss weights: 1 + `weight` on the control image's shape tokens (those at least SHAPE_DISTANCE
+    from the picture's median token, which is the background's: shapes cover a few percent of a picture)."""
+    far = (control - control.median(dim=1, keepdim=True).values).norm(dim=-1) > SHAPE_DISTANCE
+    return 1.0 + weight * far.float()
+
+
+def flow_step(model, opt, x0, control, bucket, idx, grid: int, gen, mu: float, dropped=None, weight: float = 0.0):
+    """One flow-matching step (see `noisy_inputs`); shape tokens weighted 1 + `weight` (`shape_weights`)."""
     inputs, target = noisy_inputs(x0, control, bucket, idx, grid, gen, mu, dropped)
     pred = model(**inputs)[0][:, : x0.shape[1]]
-    loss = (pred - target).pow(2).mean()
+    w = shape_weights(control, weight)
+    loss = ((pred - target).pow(2).mean(-1) * w).mean() / w.mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -640,9 +652,9 @@ def follow(ema, model, decay: float) -> None:
 
 
 def flow_training(model, ema, data, args, label: str, steps: int, lr: float, warmup: int, ema_decay: float,
-                  seed: int, salt: str, checkpoints: Path | None = None) -> list[float]:
+                  seed: int, salt: str, checkpoints: Path | None = None, weight: float = 0.0) -> list[float]:
     """Flow-matching steps on pairs of every size (shares as TRAIN_SIZES), the rate warmed up then cosine down
-    to a tenth, `ema` following `model`. Returns the losses."""
+    to a tenth, `ema` following `model`, shape tokens weighted 1 + `weight`. Returns the losses."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(seed)
     rng = seeded(args.seed, salt)
@@ -658,7 +670,7 @@ def flow_training(model, ema, data, args, label: str, steps: int, lr: float, war
         batch = max(1, args.batch * 256 // (size // 16) ** 2)
         idx = torch.tensor([rng.randrange(bucket["target"].shape[0]) for _ in range(batch)])
         x0, control, dropped = training_pairs(bucket, idx, rng, args)
-        loss = flow_step(model, opt, x0, control, bucket, idx, size // 16, gen, mu, dropped)
+        loss = flow_step(model, opt, x0, control, bucket, idx, size // 16, gen, mu, dropped, weight)
         decay = min(ema_decay, (1 + step) / (10 + step))
         follow(ema, model, decay)
         losses.append(loss.item())
@@ -701,8 +713,9 @@ def train_transformer(args, work: Path) -> dict:
 
 def train_more(args, work: Path) -> dict:
     """Stage 3a: the averaged transformer trained `--more-steps` further (a second warm-up and cosine decay at
-    `--more-lr`). At the end of stage 3 backgrounds followed the prompt but recoloured shapes were still
-    textured: they are a few percent of a picture's tokens, so their loss falls last."""
+    `--more-lr`), shape tokens weighted 1 + `--shape-weight`. At the end of stage 3 backgrounds followed the
+    prompt but shapes were still textured, faded or kept their colour: they are a few percent of a picture's
+    tokens, so their loss falls last."""
     from diffusers import QwenImageTransformer2DModel
 
     done = work / "transformer-more"
@@ -716,7 +729,7 @@ def train_more(args, work: Path) -> dict:
     ema.requires_grad_(False)
     start = time.time()
     losses = flow_training(model, ema, data, args, "more", args.more_steps, args.more_lr, 50, args.ema,
-                           args.seed + 7, "more")
+                           args.seed + 7, "more", weight=args.shape_weight)
     figures = {"more_steps": args.more_steps, "more_seconds": round(time.time() - start, 1),
                "more_final_loss": round(float(np.mean(losses[-200:])), 4)}
     ema.save_pretrained(done)
@@ -775,7 +788,7 @@ def train_long(args, work: Path) -> dict:
         x0, control, dropped = training_pairs(bucket, idx, rng, args)
         if grid != size // 16:
             x0, control = regrid(x0, size // 16, grid), regrid(control, size // 16, grid)
-        loss = flow_step(model, opt, x0, control, bucket, idx, grid, gen, mu, dropped)
+        loss = flow_step(model, opt, x0, control, bucket, idx, grid, gen, mu, dropped, args.shape_weight)
         follow(ema, model, args.long_ema)
         losses.append(loss.item())
         if step % 20 == 0 or step == args.long_steps - 1:
@@ -851,6 +864,8 @@ def main(argv=None) -> int:
                    help="share of pairs trained with the null prompt, target kept (CFG dropout)")
     p.add_argument("--unfollowed", type=float, default=0.25,
                    help="share of the other pairs trained to leave the control image as it is")
+    p.add_argument("--shape-weight", type=float, default=4.0,
+                   help="extra loss weight of shape tokens in stages 3a and 3b (shape_weights)")
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--more-steps", type=int, default=2000)
     p.add_argument("--more-lr", type=float, default=3e-4)
