@@ -227,16 +227,20 @@ class Checker:
         return tuple(f for f in FIELD_NAMES if f in findings and f in set(self.options.accept) | set(task.accept))
 
     def explained_by(self, task: Task, preview: Image.Image, fields: tuple[str, ...]) -> tuple[bool, str]:
-        """Switching the accepted fields to their training values brings the render down to the training
-        render's distance (plus the noise floor): the gap is explained by differences the user accepted."""
+        """The reference render with the accepted fields switched to their training values passes the thresholds,
+        or comes down to the training render's own distance (plus the noise floor): the gap is explained by
+        differences the user accepted, and what is left is within tolerance."""
         from .attribution import distance
 
         encode, metric = self.preview_encoder(task), self.options.metric
-        switched = distance(preview, self.render(switch(task.reference, task.training, fields), task.model)[0],
-                            encode, metric)
+        image = self.render(switch(task.reference, task.training, fields), task.model)[0]
+        switched = distance(preview, image, encode, metric)
         training = distance(preview, self.render(task.training, task.model)[0], encode, metric)
-        return switched <= training + self.options.floor, f"{metric} {switched:.4g} with them at the training " \
-                                                           f"value vs {training:.4g} for the training recipe"
+        within = not judge(cmp.compare(preview, encode(image)), task.thresholds)
+        how = "passes the thresholds" if within else "does not pass the thresholds"
+        detail = (f"{metric} {switched:.4g} with them at the training value ({how}) vs {training:.4g} for the "
+                  f"training recipe")
+        return within or switched <= training + self.options.floor, detail
 
     def noise_floor(self, task: Task, preview: Image.Image, row: dict) -> float:
         """The same training recipe through PyTorch's math attention kernel instead of the fused one: how far
