@@ -8,12 +8,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parent
-CASES = ROOT / "cases"
-TINY_MODEL = CASES / "workspace" / "aitk" / "tiny-qwen-image-edit-2509"
+CASES = ROOT / "cases"  # the bundled cases: recorded on the demo model, what `pytest parity/` checks
+DEMO_MODEL = CASES / "workspace" / "aitk" / "demo-qwen-image-edit-2509"
+# The first recording, on a tiny random-weights checkpoint in bf16: the tests' cases for the bf16-only behaviours
+# (text-encoder rotary dtype, bf16 kernels and rounding, fp32 LoRA deltas rounded to bf16) and for quick flows.
+TINY_CASES = ROOT / "tests" / "data" / "tiny"
+TINY_MODEL = TINY_CASES / "workspace" / "aitk" / "tiny-qwen-image-edit-2509"
 TRACES = ROOT / "tests" / "data" / "traces"
-V1 = CASES / "workspace" / "aitk" / "output" / "tiny_qwen_image_edit_plus_lora_v1"
-STRONG = CASES / "workspace" / "aitk" / "output" / "tiny_qwen_image_edit_plus_lora_strong_v1"
-PARITY_A = CASES / "workspace" / "aitk-a" / "output" / "tiny_qwen_edit_plus_parity_a"
+V1 = TINY_CASES / "workspace" / "aitk" / "output" / "tiny_qwen_image_edit_plus_lora_v1"
+STRONG = TINY_CASES / "workspace" / "aitk" / "output" / "tiny_qwen_image_edit_plus_lora_strong_v1"
+PARITY_A = TINY_CASES / "workspace" / "aitk-a" / "output" / "tiny_qwen_edit_plus_parity_a"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -41,19 +45,23 @@ SUITE = ROOT / "parity" / "test_parity.py"  # what `pytest parity/` collects
 def small_root(tmp_path) -> Path:
     """parity_a with two of its previews (PNG, non-square control images), model and paths mapped."""
     root = tmp_path / "cases"
-    shutil.copytree(CASES / "workspace" / "aitk-a", root / "aitk-a")
+    shutil.copytree(TINY_CASES / "workspace" / "aitk-a", root / "aitk-a")
     case = root / "aitk-a" / "output" / PARITY_A.name
     for p in (case / "samples").glob("*.png"):
         if not p.name.endswith(("__000000003_0.png", "__000000006_1.png")):
             p.unlink()
     shutil.rmtree(case / "samples" / ".thumbs")
     settings = (case / "parity.yaml").read_text().replace(
-        "../../../aitk/tiny-qwen-image-edit-2509", str((CASES / "workspace/aitk/tiny-qwen-image-edit-2509").resolve()))
+        "../../../aitk/tiny-qwen-image-edit-2509", str(TINY_MODEL.resolve()))
     (case / "parity.yaml").write_text(settings)
     return root
 
 
 def run_suite(pytester, root: Path, report: Path, cache: Path, *extra: str):
+    """`pytest parity/` on `root` in a subprocess. The repository's ini sets the fp32 reference of the bundled
+    (fp32) cases; the tiny cases are bf16 recordings, so their suite runs keep the option's default, bf16."""
+    if not any(e.startswith("--parity-dtype") for e in extra):
+        extra = ("--parity-dtype", "bfloat16", *extra)
     return pytester.runpytest_subprocess(str(SUITE), "--parity-cases", str(root), "--parity-report-dir", str(report),
                                          "--parity-cache-dir", str(cache), "--parity-device", "cpu",
                                          "-p", "no:cacheprovider", "-v", *extra)

@@ -26,7 +26,7 @@ from parity import compare as cmp  # noqa: E402
 from parity import metrics as M  # noqa: E402
 from parity.hints import hints  # noqa: E402
 
-TINY = ROOT / "cases" / "workspace" / "aitk" / "tiny-qwen-image-edit-2509"
+TINY = ROOT / "tests" / "data" / "tiny" / "workspace" / "aitk" / "tiny-qwen-image-edit-2509"
 
 
 def timed(fn, repeat: int = 3):
@@ -44,7 +44,7 @@ def one_render() -> tuple[float, str]:
     from parity.previews import index_checkpoints, index_previews, lora_for_step
     from parity.recipe import reference_recipe
 
-    case = next(c for c in discover([ROOT / "cases"]) if c.name == "tiny_qwen_image_edit_plus_lora_v1")
+    case = next(c for c in discover([ROOT / "tests" / "data" / "tiny"]) if c.name == "tiny_qwen_image_edit_plus_lora_v1")
     job = case.job()
     pv = index_previews(case.folder)[0][0]
     ck = lora_for_step(case.folder, job.name, pv.step, index_checkpoints(case.folder, job.name))

@@ -80,10 +80,10 @@ def test_v1_gap_is_measured_against_the_noise_floor(render_cache):
     """On the bundled v1 previews the reference and training renders are both a kernel-noise distance from the
     preview (this CPU's bf16 kernels differ from the machine that made it): the gap between them is inside
     the measured floor, so attribution blames no field, and says so."""
-    from conftest import CASES
+    from conftest import TINY_CASES
     from parity.runner import Checker, Options, open_preview, plan
 
-    options = Options(cases=(CASES,), cache_dir=render_cache, explain="all", noise_floor=True, metrics=())
+    options = Options(cases=(TINY_CASES,), cache_dir=render_cache, explain="all", noise_floor=True, metrics=())
     checker = Checker(options)
     [task] = [t for t in plan(options) if t.id == "tiny_qwen_image_edit_plus_lora_v1/2/0"]
     row: dict = {}
@@ -93,3 +93,21 @@ def test_v1_gap_is_measured_against_the_noise_floor(render_cache):
     names = [c.name for c in result.causes]
     assert "cfg_norm" in names and "lora_application" in names and "output_format" in names
     assert not next(c for c in result.causes if c.name == "output_format").testable
+
+
+def test_on_the_demo_model_the_v1_gap_is_the_cfg_norm_rescale(render_cache):
+    """The v1 run recorded on the demo model (ai-toolkit: no CFG norm rescale; the server: always): the
+    reference render is far from the preview, the training render reproduces it, and switching cfg_norm alone
+    closes the gap. Reference in fp32, as the server renders on a CPU and as the preview was recorded."""
+    from conftest import CASES
+    from parity.runner import Checker, Options, open_preview, plan
+
+    options = Options(cases=(CASES,), cache_dir=render_cache, explain="all", noise_floor=False, metrics=(),
+                      dtype="float32")
+    checker = Checker(options)
+    [task] = [t for t in plan(options) if t.id == "demo_qwen_image_edit_plus_lora_v1/4/0"]
+    row: dict = {}
+    result = checker.explain(task, open_preview(task.preview), row)
+    assert result.training_distance < 0.05 < 0.5 < result.reference_distance  # mean abs, 0-255 levels
+    assert result.top.name == "cfg_norm" and result.top.share >= 0.9
+    assert row["top_cause"] == "cfg_norm"

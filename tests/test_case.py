@@ -7,28 +7,28 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CASES, PARITY_A, V1
+from conftest import PARITY_A, TINY_CASES, TINY_MODEL, V1
 from parity.case import Case, discover, read_settings
 from parity.errors import CaseError
 
 
 def test_bundled_cases_are_found():
-    found = discover([CASES])
+    found = discover([TINY_CASES])
     assert [c.name for c in found] == ["tiny_qwen_image_edit_plus_lora_strong_v1",
                                        "tiny_qwen_image_edit_plus_lora_v1", "tiny_qwen_edit_plus_parity_a"]
     assert all(isinstance(c, Case) for c in found)
 
 
 def test_paths_map_resolves_workspace_paths():
-    case = next(c for c in discover([CASES]) if c.name == V1.name)
+    case = next(c for c in discover([TINY_CASES]) if c.name == V1.name)
     path = case.resolve("/workspace/aitk/data/sample_ctrl/ctrl_a.png", "control image")
-    assert path == (CASES / "workspace/aitk/data/sample_ctrl/ctrl_a.png").resolve()
-    assert case.settings.model == str((CASES / "workspace/aitk/tiny-qwen-image-edit-2509").resolve())
+    assert path == (TINY_CASES / "workspace/aitk/data/sample_ctrl/ctrl_a.png").resolve()
+    assert case.settings.model == str(TINY_MODEL.resolve())
 
 
 def copy_case(tmp_path: Path, with_settings: bool = False) -> Case:
     root = tmp_path / "root"
-    shutil.copytree(CASES / "workspace" / "aitk-a", root / "aitk-a")
+    shutil.copytree(TINY_CASES / "workspace" / "aitk-a", root / "aitk-a")
     folder = root / "aitk-a" / "output" / PARITY_A.name
     if not with_settings:
         (folder / "parity.yaml").unlink()

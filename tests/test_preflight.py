@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import CASES, TINY_MODEL, V1
+from conftest import TINY_CASES, TINY_MODEL, V1
 from parity import preflight
 from parity.errors import CaseError
 from parity.options import Options
@@ -43,7 +43,7 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 def make_case(root: Path) -> Path:
     """A copy of the v1 run (its control images beside it), the bundled model by absolute path."""
-    shutil.copytree(CASES / "workspace" / "aitk" / "data", root / "aitk" / "data")
+    shutil.copytree(TINY_CASES / "workspace" / "aitk" / "data", root / "aitk" / "data")
     case = root / "aitk" / "output" / NAME
     shutil.copytree(V1, case, ignore=shutil.ignore_patterns("optimizer.pt"))
     (case / "parity.yaml").write_text(f"model: {TINY_MODEL.resolve()}\npaths:\n  /workspace: ../../..\n")
@@ -253,7 +253,7 @@ def test_cached_hub_id_is_found_without_the_network(tmp_path, monkeypatch):
 
 
 def test_image_checks_name_the_problem(tmp_path):
-    good = CASES / "workspace" / "aitk" / "data" / "sample_ctrl" / "ctrl_a.png"
+    good = TINY_CASES / "workspace" / "aitk" / "data" / "sample_ctrl" / "ctrl_a.png"
     assert preflight.check_image(good, "control image", "fix it") == (256, 256)
     bomb_png(tmp_path / "bomb.png")
     with pytest.raises(CaseError, match="decompression bomb"):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import CASES, TRACES
+from conftest import CASES, TINY_CASES, TINY_MODEL, TRACES
 from parity.case import discover
 from parity.findings import find
 from parity.previews import index_checkpoints, index_previews, lora_for_step
@@ -15,12 +15,13 @@ from parity.recipe import (AITK_SCHEDULER, FIELD_NAMES, LORA_PEFT, LORA_RUNTIME_
 from parity.preprocess import PROMPT_RESIZE, PROMPT_RESIZE_TRANSPOSED, prompt_size
 
 RUNS = ["tiny_qwen_image_edit_plus_lora_v1", "tiny_qwen_image_edit_plus_lora_strong_v1",
-        "tiny_qwen_edit_plus_parity_a"]
-SCHED = json.loads((CASES / "workspace/aitk/tiny-qwen-image-edit-2509/scheduler/scheduler_config.json").read_text())
+        "tiny_qwen_edit_plus_parity_a", "demo_qwen_image_edit_plus_lora_v1", "demo_qwen_image_edit_plus_lora_strong_v1",
+        "demo_qwen_edit_plus_parity_a"]
+SCHED = json.loads((TINY_MODEL / "scheduler/scheduler_config.json").read_text())
 
 
 def recipes(run: str):
-    case = next(c for c in discover([CASES]) if c.name == run)
+    case = next(c for c in discover([TINY_CASES, CASES]) if c.name == run)
     job = case.job()
     previews, _ = index_previews(case.folder)
     ckpts = index_checkpoints(case.folder, job.name)

@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import task  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "cases/workspace/aitk/tiny-qwen-image-edit-2509"
+TINY = REPO / "tests/data/tiny/workspace/aitk/tiny-qwen-image-edit-2509"  # the first recording's checkpoint
 
 VAE_CONFIG = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 8], num_res_blocks=1, attn_scales=[],
                   temperal_downsample=[False, True, True], dropout=0.0)
