@@ -92,9 +92,10 @@ class TrainingJob:
     model_name_or_path: str
     arch: str
     quantize: bool
-    qtype: str | None
+    qtype: str | None  # the transformer's, when quantize (the part before "|")
     quantize_te: bool
     qtype_te: str | None
+    ara: str | None  # the accuracy recovery adapter as written (local path or owner/repo/file), when quantize
     low_vram: bool
     sample: dict[str, Any]
     items: tuple[SampleItem, ...]
@@ -263,6 +264,27 @@ def parse_sample_items(path: Path, sample: dict, name: str) -> tuple[SampleItem,
     return tuple(items)
 
 
+def quantization(path: Path, model: dict) -> dict[str, Any]:
+    """The quantization settings as ai-toolkit's ModelConfig reads them: quantize_te defaults to quantize, both
+    qtypes to qfloat8, layer offloading (or its old name auto_memory) turns qfloat8 into torchao's float8, and
+    `qtype: "uint3|<file>"` names an accuracy recovery adapter (over `accuracy_recovery_adapter:`)."""
+    quantize = bool(model.get("quantize", False))
+    quantize_te = bool(model.get("quantize_te", quantize))
+    qtype, qtype_te = str(model.get("qtype", "qfloat8")), str(model.get("qtype_te", "qfloat8"))
+    if model.get("layer_offloading", model.get("auto_memory", False)):
+        qtype = "float8" if qtype == "qfloat8" else qtype
+        qtype_te = "float8" if qtype_te == "qfloat8" else qtype_te
+    ara = model.get("accuracy_recovery_adapter")
+    if "|" in qtype:
+        parts = qtype.split("|")
+        if len(parts) != 2:
+            raise CaseError(path, f"model.qtype {qtype!r} has more than one '|' (ai-toolkit stops on it)",
+                            "write `qtype: \"uint3|<adapter file>\"` with one '|'")
+        qtype, ara = parts
+    return {"quantize": quantize, "qtype": qtype if quantize else None, "quantize_te": quantize_te,
+            "qtype_te": qtype_te if quantize_te else None, "ara": str(ara) if quantize and ara else None}
+
+
 def load_job(path: Path) -> TrainingJob:
     """Parse an ai-toolkit job config; a config that is not a trainer job is a CaseError."""
     doc = read_yaml(path)
@@ -299,10 +321,7 @@ def load_job(path: Path) -> TrainingJob:
         train_steps=train.get("steps") if isinstance(train.get("steps"), int) else None,
         model_name_or_path=str(model["name_or_path"]),
         arch=arch.split(":")[0],  # "qwen_image_edit_plus:2509" names the same arch
-        quantize=bool(model.get("quantize", False)),
-        qtype=model.get("qtype", "qfloat8") if model.get("quantize") else None,
-        quantize_te=bool(model.get("quantize_te", model.get("quantize", False))),
-        qtype_te=model.get("qtype_te", "qfloat8") if model.get("quantize_te", model.get("quantize", False)) else None,
+        **quantization(path, model),
         low_vram=bool(model.get("low_vram", False)),
         sample={**SAMPLE_DEFAULTS, **{k: v for k, v in sample.items() if k not in ("samples", "prompts")}},
         items=items,

@@ -13,7 +13,7 @@ from .aitk_config import TrainingJob, load_job, read_yaml, trainer_process
 from .errors import CaseError
 
 PARITY_FILE = "parity.yaml"
-PARITY_KEYS = {"model", "paths", "thresholds", "notes", "accept", "allow_roots"}
+PARITY_KEYS = {"model", "paths", "thresholds", "notes", "accept", "allow_roots", "ara"}
 THRESHOLD_KEYS = {"ssim_min", "psnr_min", "mean_abs_max", "max_abs_max"}
 
 
@@ -28,6 +28,7 @@ class CaseSettings:
     notes: str = ""
     accept: tuple[str, ...] = ()
     allow_roots: tuple[Path, ...] = ()
+    ara: Path | None = None  # the accuracy recovery adapter file, where the config's reference is not found
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,13 @@ class Case:
 
     def allowed_roots(self) -> tuple[Path, ...]:
         return (self.folder, self.root, *(p for _, p in self.settings.paths), *self.settings.allow_roots)
+
+    def find(self, training_path: str, what: str) -> Path | None:
+        """`resolve`, or None where the file is not there."""
+        try:
+            return self.resolve(training_path, what)
+        except CaseError:
+            return None
 
     def resolve(self, training_path: str, what: str) -> Path:
         """A path written on the training machine, as a local file inside the allowed roots."""
@@ -146,7 +154,8 @@ def read_settings(folder: Path) -> CaseSettings:
     roots = doc.get("allow_roots") or []
     return CaseSettings(path=path, model=model, paths=mapped, thresholds=thresholds,
                         notes=str(doc.get("notes") or ""), accept=tuple(str(a) for a in accept),
-                        allow_roots=tuple((folder / str(r)).resolve() for r in roots))
+                        allow_roots=tuple((folder / str(r)).resolve() for r in roots),
+                        ara=(folder / str(doc["ara"])).resolve() if doc.get("ara") else None)
 
 
 def find_config(folder: Path) -> Path | None:

@@ -122,6 +122,9 @@ def explain(args, options) -> int:
             print(f"  {r['reason'] or 'no differing recipe fields'}")
             continue
         data = json.loads(r["causes"])
+        if data.get("unavailable"):
+            print(f"  attribution not measured: {data['unavailable']}")
+            continue
         print(f"  {data['metric']}: reference {data['reference_distance']:.4f}, training "
               f"{data['training_distance']:.4f}, gap {data['gap']:.4f}, noise floor {data['floor']:.4f}")
         if data["gap"] is not None and data["gap"] <= data["floor"]:

@@ -24,7 +24,7 @@ EFFECTS = {
     "lora": "different LoRA weights (another step, or none)",
     "multiplier": "different LoRA strength",
     "lora_application": "LoRA added in another precision/way: small numeric drift, larger on strong LoRAs",
-    "precision": "quantized base weights (not reproducible without the quantization library): broad drift",
+    "precision": "the previews ran on quantized base weights (and an accuracy recovery adapter): broad drift",
     "text_encoder_rope": "rotary frequencies of the text encoder rounded to bf16: prompt embeddings drift by "
                          "an ulp here and there, the image by a few levels",
     "vae_tiling": "tiled VAE: seams and per-tile drift up to tens of levels",

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import preflight
+from . import preflight, quantize
 from .aitk_config import SampleItem, TrainingJob
-from .case import BrokenCase, Case, discover
+from .case import PARITY_FILE, BrokenCase, Case, discover
 from .errors import CaseError
 from .options import Options
 from .previews import Preview, index_checkpoints, index_previews, lora_for_step
@@ -40,6 +40,7 @@ class Task:
     notes: list[str] = field(default_factory=list)
     error: str | None = None
     prompt: str = ""  # the sample's prompt as ai-toolkit used it, also when a problem stops the recipes
+    training_problem: str | None = None  # an input only the training render needs is missing (e.g. the ARA)
 
 
 def model_for(case: Case, job: TrainingJob, options: Options) -> str:
@@ -76,6 +77,8 @@ class CaseInputs:
     scheduler: dict | None
     checkpoints: dict
     problems: list[CaseError]
+    ara: str | None = None  # the accuracy recovery adapter as a recipe value: "sha256:<hex>", or "not found"
+    ara_problem: str | None = None  # why it was not found, and the fix (the training render needs it)
 
 
 def case_inputs(case: Case, options: Options) -> CaseInputs:
@@ -95,8 +98,21 @@ def case_inputs(case: Case, options: Options) -> CaseInputs:
         problems.append(err)
         folder = None
     checkpoints = index_checkpoints(case.folder, job.name, job.train_steps)
+    ara, ara_problem = accuracy_recovery_adapter(case, job)
     return CaseInputs(job, model, folder if folder and Path(folder).is_dir() else None, scheduler, checkpoints,
-                      problems)
+                      problems, ara, ara_problem)
+
+
+def accuracy_recovery_adapter(case: Case, job: TrainingJob) -> tuple[str | None, str | None]:
+    """The run's ARA by content hash; a missing one stops only the training render (the reference needs none)."""
+    if not job.ara:
+        return None, None
+    try:
+        found = quantize.find_ara(job.ara, job.path, lambda ref: case.find(ref, "accuracy recovery adapter"),
+                                  case.settings.ara, case.folder / PARITY_FILE)
+    except CaseError as err:
+        return "not found", str(err)
+    return "sha256:" + quantize.sha256(found), None
 
 
 def preview_problems(case: Case, inputs: CaseInputs, pv: Preview) -> tuple[SampleItem | None, list[CaseError]]:
@@ -188,7 +204,8 @@ def build_recipes(task: Task, case: Case, inputs: CaseInputs, pv: Preview, item:
                           f"({pv.step}, train.steps in the config)")
     # ai-toolkit merges the LoRA only when every prompt uses the same multiplier and the base is not quantized.
     merged = len({it.network_multiplier for it in job.items}) == 1 and not job.quantize
-    task.training = training_recipe(job, item, lora, case.resolve, lora_merged=merged)
+    task.training_problem = inputs.ara_problem
+    task.training = training_recipe(job, item, lora, case.resolve, lora_merged=merged, ara=inputs.ara)
     task.reference = reference_recipe(job, item, lora, case.resolve, scheduler=inputs.scheduler,
                                       device=options.device, dtype=options.dtype)
     if job.unknown:

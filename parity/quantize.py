@@ -12,14 +12,20 @@ samples its previews on those weights (notes: shared/research/aitk-quantization.
   version), not here.
 
 This module holds the uintx algorithm, written from the published description and checked against vectors
-that ai-toolkit's own quantizer produced (`scripts/record-quant-vectors`, `tests/data/quant/`).
+that ai-toolkit's own quantizer produced (`scripts/record-quant-vectors`, `tests/data/quant/`), and finds the
+accuracy recovery adapter (ARA) a `uint3|<file>` run names, as ai-toolkit finds it.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
+
+from .errors import CaseError
 
 UINTX_GROUP = 64  # input features per group (torchao's block size (1, 64))
 FP32_EPS = torch.finfo(torch.float32).eps  # the smallest scale torchao allows
@@ -86,3 +92,48 @@ def uintx_weight(weight: torch.Tensor, bits: int, group: int = UINTX_GROUP) -> t
     if not uintx_applies(weight, bits, group):
         return weight
     return quantize_uintx(weight, bits, group).dequantize()
+
+
+def hub_file(reference: str) -> tuple[str, str] | None:
+    """ai-toolkit's reading of an ARA that is not a local file: `owner/repo/file.safetensors` -> (repo id, file).
+    None for a reference of another shape (ai-toolkit stops on more than three parts)."""
+    parts = reference.split("/")
+    return (f"{parts[0]}/{parts[1]}", parts[2]) if len(parts) == 3 and all(parts) else None
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def find_ara(reference: str, config: Path, resolve: Callable[[str], Path | None], override: Path | None,
+             settings: Path) -> Path:
+    """The ARA file a run used. In order: `ara:` in the case's parity.yaml (`override`), the reference as a
+    training-machine path mapped to a local file (`resolve`), the hub file in the local Hugging Face cache (no
+    network; ai-toolkit downloads the repo's main revision, so the content hash in the recipe is what pins it).
+    Not found: a CaseError naming the file and where to put it."""
+    if override is not None:
+        if override.is_file():
+            return override
+        raise CaseError(settings, f"`ara:` names {override}, which does not exist",
+                        "point `ara:` at the accuracy recovery adapter's .safetensors file")
+    local = resolve(reference)
+    if local is not None and local.is_file():
+        return local
+    hub = hub_file(reference)
+    if hub is not None:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(hub[0], hub[1])
+        if isinstance(cached, str) and Path(cached).is_file():
+            return Path(cached)
+    where = (f"not a local file and not in the local Hugging Face cache (repo {hub[0]}, file {hub[1]})" if hub
+             else "not a local file (and not of the hub form owner/repo/file.safetensors)")
+    fetch = (f"`huggingface-cli download {hub[0]} {hub[1]}` on a machine with network and copy the file, then "
+             if hub else "")
+    raise CaseError(config, f"the accuracy recovery adapter {reference!r} (model.qtype) is {where}",
+                    f"{fetch}put it beside the case and add `ara: <file>` to {settings}, or map its folder "
+                    f"with a `paths:` line there")

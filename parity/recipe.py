@@ -146,10 +146,10 @@ def scheduler_json(config: dict) -> str:
     return json.dumps({k: config.get(k) for k in SCHEDULER_KEYS}, sort_keys=True)
 
 
-def _quantization(job: TrainingJob) -> str:
+def _quantization(job: TrainingJob, ara: str | None) -> str:
     parts = []
     if job.quantize:
-        parts.append(f"transformer:{job.qtype}")
+        parts.append(f"transformer:{job.qtype}" + (f"+ara:{ara}" if ara else ""))
     if job.quantize_te:
         parts.append(f"text_encoder:{job.qtype_te}")
     return " ".join(parts) or "none"
@@ -185,8 +185,9 @@ def replace_trigger(prompt: str, trigger: str | None) -> str:
 
 
 def training_recipe(job: TrainingJob, item: SampleItem, lora: str | None, resolve, *, lora_merged: bool = False,
-                    scheduler: dict | None = None) -> Recipe:
-    """What ai-toolkit did for the preview of `item` (resolve maps a config path to a local file)."""
+                    scheduler: dict | None = None, ara: str | None = None) -> Recipe:
+    """What ai-toolkit did for the preview of `item` (resolve maps a config path to a local file; `ara`: the
+    accuracy recovery adapter's content hash, or "not found")."""
     prompt_imgs, vae_imgs = training_control_images(item)
     fmt = str(job.sample.get("format", "jpg")).lower()
     return Recipe(
@@ -209,7 +210,7 @@ def training_recipe(job: TrainingJob, item: SampleItem, lora: str | None, resolv
         lora=lora,
         multiplier=float(item.network_multiplier),
         lora_application=LORA_NONE if lora is None else LORA_MERGED_FP32 if lora_merged else LORA_RUNTIME_FP32,
-        precision=_quantization(job),
+        precision=_quantization(job, ara),
         # load_model: text_encoder.to(device, dtype=dtype) also casts the float32 rotary inv_freq buffers.
         text_encoder_rope=_dtype_name(job.train_dtype),
         vae_tiling=job.low_vram,

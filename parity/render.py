@@ -141,7 +141,8 @@ def make_scheduler(loaded: LoadedModel, config_json: str):
 
 def check_renderable(loaded: LoadedModel, recipe: Recipe) -> None:
     if recipe.precision != "none":
-        raise NotRenderable(f"quantized base ({recipe.precision}) needs ai-toolkit's quantization library")
+        raise NotRenderable(f"a quantized base ({recipe.precision}) is not rendered yet (the uintN weights are "
+                            f"reproduced, in parity/quantize.py, but not yet applied to a render)")
     if recipe.control_vae_resize != VAE_RESIZE:
         raise NotRenderable(f"unknown VAE resize {recipe.control_vae_resize!r}")
     if DTYPES[recipe.dtype] != loaded.dtype:

@@ -147,6 +147,8 @@ def _causes(record: dict) -> dict | None:
     data = _json(record.get("causes"), None)
     if not isinstance(data, dict):
         return None
+    if data.get("unavailable"):
+        return {"unavailable": str(data["unavailable"])}
     causes = []
     for c in data.get("causes") or []:
         if not isinstance(c, dict):

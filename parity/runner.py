@@ -185,6 +185,9 @@ class Checker:
         """The training render against the preview: does the harness reproduce what ai-toolkit made?"""
         from .render import NotRenderable
 
+        if task.training_problem:
+            row["fidelity_verdict"] = f"not renderable here: {task.training_problem}"
+            return True  # unknown: do not blame the inputs
         try:
             training, _ = self.render(task.training, task.model)
         except NotRenderable as exc:
@@ -201,7 +204,8 @@ class Checker:
 
     def verdict(self, task: Task, preview: Image.Image, row: dict, failed: list[str], reproduced: bool) -> dict:
         accepted = self.accepted(task)
-        if failed and accepted and reproduced:
+        renderable = not str(row.get("fidelity_verdict", "")).startswith("not renderable")
+        if failed and accepted and reproduced and renderable:
             explained, detail = self.explained_by(task, preview, accepted)
             if explained:
                 return dict(verdict="explained", reason=f"gap explained by accepted fields {', '.join(accepted)} "
@@ -261,13 +265,18 @@ class Checker:
     def explain(self, task: Task, preview: Image.Image, row: dict):
         """Counterfactual renders: which finding explains the gap (attribution), saved and recorded."""
         from .attribution import attribute
+        from .render import NotRenderable
 
         floor = self.options.floor
-        if self.options.noise_floor:
-            floor = max(floor, self.noise_floor(task, preview, row))
-        result = attribute(lambda recipe: self.render(recipe, task.model)[0], preview, task.training,
-                           task.reference, metric=self.options.metric, floor=floor,
-                           reverse=self.options.reverse, encode=self.preview_encoder(task))
+        try:
+            if self.options.noise_floor:
+                floor = max(floor, self.noise_floor(task, preview, row))
+            result = attribute(lambda recipe: self.render(recipe, task.model)[0], preview, task.training,
+                               task.reference, metric=self.options.metric, floor=floor,
+                               reverse=self.options.reverse, encode=self.preview_encoder(task))
+        except NotRenderable as exc:  # attribution measures against the training render
+            row["causes"] = json.dumps({"unavailable": f"the training recipe is not rendered here: {exc}"})
+            return None
         row.update(result.as_columns())
         for cause in result.causes:
             if cause.distance is not None:  # already rendered: served from the in-memory cache

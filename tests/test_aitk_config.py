@@ -142,3 +142,39 @@ def test_bad_configs_name_the_file_and_the_problem(tmp_path, text, problem):
 def test_non_number_is_an_error(tmp_path):
     with pytest.raises(CaseError, match="guidance_scale"):
         load_job(write_config(tmp_path, {"samples": [{"prompt": "a", "guidance_scale": "lots"}]}))
+
+
+ARA = "ostris/accuracy_recovery_adapters/qwen_image_edit_2509_torchao_uint3.safetensors"
+
+
+@pytest.mark.parametrize("model, expected", [
+    ({}, (False, None, False, None, None)),
+    ({"quantize": True}, (True, "qfloat8", True, "qfloat8", None)),  # the UI default: te follows the transformer
+    ({"quantize": True, "quantize_te": False}, (True, "qfloat8", False, None, None)),
+    ({"quantize": False, "quantize_te": True}, (False, None, True, "qfloat8", None)),
+    ({"quantize": True, "qtype": f"uint3|{ARA}", "qtype_te": "qfloat8"}, (True, "uint3", True, "qfloat8", ARA)),
+    ({"quantize": True, "qtype": "uint3", "accuracy_recovery_adapter": "/data/ara.safetensors"},
+     (True, "uint3", True, "qfloat8", "/data/ara.safetensors")),
+    ({"quantize": True, "qtype": f"uint3|{ARA}", "accuracy_recovery_adapter": "/data/other.safetensors"},
+     (True, "uint3", True, "qfloat8", ARA)),  # the one in qtype wins, as in ai-toolkit
+    ({"quantize": False, "qtype": f"uint3|{ARA}"}, (False, None, False, None, None)),  # no quantize, no ARA
+    ({"quantize": True, "layer_offloading": True}, (True, "float8", True, "float8", None)),  # torchao's float8
+    ({"quantize": True, "auto_memory": True, "qtype": "uint4"}, (True, "uint4", True, "float8", None)),
+])
+def test_quantization_settings_are_read_as_ai_toolkit_reads_them(tmp_path, model, expected):
+    path = write_config(tmp_path, {"samples": [{"prompt": "a"}]})
+    doc = yaml.safe_load(path.read_text())
+    doc["config"]["process"][0]["model"].update(model)
+    path.write_text(yaml.safe_dump(doc))
+    job = load_job(path)
+    assert (job.quantize, job.qtype, job.quantize_te, job.qtype_te, job.ara) == expected
+
+
+def test_a_qtype_with_two_pipes_is_refused_naming_the_file(tmp_path):
+    path = write_config(tmp_path, {"samples": [{"prompt": "a"}]})
+    doc = yaml.safe_load(path.read_text())
+    doc["config"]["process"][0]["model"].update({"quantize": True, "qtype": "uint3|a.safetensors|b"})
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(CaseError, match="more than one '\\|'") as err:
+        load_job(path)
+    assert str(path) in str(err.value)

@@ -1,0 +1,112 @@
+"""plan: what a quantized run's accuracy recovery adapter (ARA) does to its recipes and its training render."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_CASES, TINY_MODEL, V1
+from parity.findings import differing_fields
+from parity.quantize import sha256
+from parity.runner import Checker, Options, plan
+
+ARA = "ostris/accuracy_recovery_adapters/qwen_image_edit_2509_torchao_uint3.safetensors"
+
+
+@pytest.fixture
+def quantized_root(tmp_path, monkeypatch) -> Path:
+    """The tiny v1 case as a `uint3|<hub ARA>` run with a qfloat8 text encoder (ai-toolkit's example config for
+    this model), one preview, and an empty Hugging Face cache."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    root = tmp_path / "cases"
+    shutil.copytree(TINY_CASES / "workspace" / "aitk", root / "aitk",
+                    ignore=shutil.ignore_patterns("tiny-qwen-image-edit-2509", "*strong*"))
+    case = root / "aitk" / "output" / V1.name
+    for p in (case / "samples").glob("*.jpg"):
+        if not p.name.endswith("__000000002_0.jpg"):
+            p.unlink()
+    config = case / "config.yaml"
+    config.write_text(config.read_text().replace(
+        "      quantize: false\n      quantize_te: false\n      low_vram: false\n",
+        f"      quantize: true\n      qtype: uint3|{ARA}\n      quantize_te: true\n      qtype_te: qfloat8\n"
+        f"      low_vram: true\n"))
+    settings = case / "parity.yaml"
+    settings.write_text(settings.read_text().replace("../../../aitk/tiny-qwen-image-edit-2509",
+                                                     str(TINY_MODEL.resolve())))
+    return root
+
+
+def one_task(root: Path):
+    [task] = plan(Options(cases=(root,), device="cpu", metrics=()))
+    return task
+
+
+def test_a_missing_ara_stops_only_the_training_render_and_says_where_to_put_it(quantized_root):
+    task = one_task(quantized_root)
+    assert task.error is None and task.reference.precision == "none"
+    assert task.training.precision == "transformer:uint3+ara:not found text_encoder:qfloat8"
+    assert task.training.lora_application == "runtime/fp32" and task.training.vae_tiling  # never merged; low_vram
+    assert "precision" in differing_fields(task.training, task.reference)
+    row: dict = {}
+    assert Checker(Options(cases=(quantized_root,), device="cpu", metrics=())).fidelity(task, None, None, row)
+    verdict = row["fidelity_verdict"]
+    assert verdict.startswith("not renderable here:") and ARA in verdict and "config.yaml" in verdict
+    assert "huggingface-cli download ostris/accuracy_recovery_adapters" in verdict and "`ara: <file>`" in verdict
+
+
+def test_the_ara_is_found_in_the_hub_cache_or_by_parity_yaml_and_named_by_content(quantized_root, tmp_path):
+    import huggingface_hub.constants
+
+    snapshot = Path(huggingface_hub.constants.HF_HUB_CACHE) / "models--ostris--accuracy_recovery_adapters"
+    (snapshot / "refs").mkdir(parents=True)
+    (snapshot / "refs" / "main").write_text("0123abcd")
+    cached = snapshot / "snapshots" / "0123abcd" / Path(ARA).name
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"an adapter")
+    task = one_task(quantized_root)
+    assert task.training.precision == f"transformer:uint3+ara:sha256:{sha256(cached)} text_encoder:qfloat8"
+    assert task.training_problem is None
+
+    mine = tmp_path / "my_ara.safetensors"
+    mine.write_bytes(b"another adapter")  # parity.yaml's `ara:` wins over the cache
+    settings = next(quantized_root.rglob("parity.yaml"))
+    settings.write_text(settings.read_text() + f"ara: {mine}\n")
+    assert one_task(quantized_root).training.precision.startswith(f"transformer:uint3+ara:sha256:{sha256(mine)} ")
+    settings.write_text(settings.read_text().replace(str(mine), str(tmp_path / "gone.safetensors")))
+    task = one_task(quantized_root)
+    assert task.training.precision.startswith("transformer:uint3+ara:not found")
+    assert "gone.safetensors" in task.training_problem and "does not exist" in task.training_problem
+
+
+def test_a_failing_quantized_preview_is_a_mismatch_without_attribution_not_an_error(quantized_root, tmp_path,
+                                                                                    render_cache):
+    """The reference comparison runs and judges; attribution and `explained` need the training render, which a
+    quantized base does not have here yet: they say so instead of failing the row."""
+    import json
+
+    from parity.runner import run
+
+    settings = next(quantized_root.rglob("parity.yaml"))
+    settings.write_text(settings.read_text() + "accept: [cfg_norm]\n")
+    settings.write_text(settings.read_text().replace("max_abs_max: 30", "max_abs_max: 0"))
+    [row] = run(Options(cases=(quantized_root,), report_dir=tmp_path / "r", device="cpu", cache_dir=render_cache,
+                        metrics=(), explain="failed"))
+    assert row["verdict"] == "mismatch" and "max_abs" in row["reason"] and row["ssim"] > 0.9
+    assert row["fidelity_verdict"].startswith("not renderable here:") and "precision" in row["findings"]
+    assert "training recipe is not rendered here" in json.loads(row["causes"])["unavailable"]
+    page = (tmp_path / "r" / "cases" / f"{V1.name}.html").read_text()
+    assert "Not measured: the training recipe is not rendered here" in page
+
+
+def test_parity_explain_says_why_a_quantized_preview_has_no_attribution(quantized_root, tmp_path, render_cache,
+                                                                       capsys):
+    from parity.cli import main
+
+    assert main(["explain", str(quantized_root), "--device", "cpu", "--cache-dir", str(render_cache),
+                 "--report-dir", str(tmp_path / "r"), "--metrics", ""]) == 0
+    out = capsys.readouterr().out
+    assert "attribution not measured: the training recipe is not rendered here: a quantized base" in out
