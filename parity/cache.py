@@ -60,6 +60,33 @@ class DiskCache:
         write_atomic(self.folder / "latents" / f"{name}.safetensors",
                      save({"value": tensor.detach().to("cpu").contiguous()}))
 
+    def tensors_path(self, name: str) -> Path:
+        return self.folder / "quantized" / f"{name}.safetensors"
+
+    def get_tensors(self, name: str) -> dict | None:
+        """A stored set of tensors (a model's quantized layers), or None when absent or damaged."""
+        from safetensors.torch import load_file
+
+        path = self.tensors_path(name)
+        if not path.is_file():
+            return None
+        try:
+            return load_file(path)
+        except Exception:  # a damaged entry: quantize again
+            return None
+
+    def put_tensors(self, name: str, tensors: dict) -> None:
+        """Written to a temporary file first and renamed (large: never held twice in memory as bytes)."""
+        import os
+
+        from safetensors.torch import save_file
+
+        path = self.tensors_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+
     def __repr__(self) -> str:
         return f"DiskCache({str(self.folder)!r})"
 

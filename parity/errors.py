@@ -16,3 +16,7 @@ class CaseError(Exception):
         if fix:
             text += f" -- fix: {fix}"
         super().__init__(text)
+
+
+class NotRenderable(Exception):
+    """A recipe value this machine cannot reproduce (e.g. a quantization type nobody has modelled yet)."""

@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .errors import CaseError
+from .errors import CaseError, NotRenderable
 from .kernels import bf16_conv_mode
+from .precision import Precision
+from .precision import apply as apply_precision
 from .preflight import LORA_PREFIX, locate_model
 from .recipe import LORA_MERGED_FP32, LORA_PEFT, LORA_RUNTIME_FP32
 
@@ -33,7 +35,7 @@ def default_device() -> str:
 class LoadedModel:
     """A pipeline on one device in one dtype, plus the LoRA state applied to its transformer."""
 
-    def __init__(self, model: str, device: str, dtype: str):
+    def __init__(self, model: str, device: str, dtype: str, precision: Precision | None = None, disk_cache=None):
         from diffusers import QwenImageEditPlusPipeline
 
         self.model = model
@@ -53,8 +55,13 @@ class LoadedModel:
         self.pipe.set_progress_bar_config(disable=True)
         self._adapter: tuple[str, str] | None = None  # (lora file, adapter name) loaded through PEFT
         self.latent_cache: dict[tuple, torch.Tensor] = {}  # control-image VAE latents (render.control_latents)
-        self.disk_cache = None  # cache.DiskCache shared across processes and runs, set by load()
+        self.disk_cache = disk_cache  # cache.DiskCache shared across processes and runs
         self.conv_mode = bf16_conv_mode(device)  # kernels.py: bf16 convolutions on a CPU without native bf16
+        # The quantized base of a training recipe (precision.py), applied once: its ARA hooks come before any LoRA.
+        self.precision = precision
+        self.quantized: dict[str, int] = {}
+        if precision is not None:
+            self.quantized = apply_precision(self.pipe, precision, disk_cache, self.identity())
 
     def identity(self) -> dict:
         """What decides this model's outputs besides the inputs: for on-disk cache keys."""
@@ -78,13 +85,18 @@ class LoadedModel:
             self._peft_off()
             yield
             return
-        if how == LORA_PEFT:
+        if how == LORA_PEFT and self.precision is None:
             self._peft_on(path, multiplier)
             yield
             return
         self._peft_off()
         state = read_lora(path, self.transformer)
-        if how == LORA_RUNTIME_FP32:
+        if how == LORA_PEFT:  # PEFT cannot load into optimum-quanto layers: its forward, as hooks
+            with peft_like_lora(self.transformer, state, multiplier):
+                yield
+        elif how == LORA_MERGED_FP32 and self.precision is not None:
+            raise NotRenderable("a LoRA merged into a quantized base (ai-toolkit never merges on one)")
+        elif how == LORA_RUNTIME_FP32:
             with runtime_lora(self.transformer, state, multiplier):
                 yield
         elif how == LORA_MERGED_FP32:
@@ -169,6 +181,32 @@ def runtime_lora(transformer, state, multiplier: float):
 
 
 @contextlib.contextmanager
+def peft_like_lora(transformer, state, multiplier: float):
+    """What a PEFT LoRA adapter computes (peft's lora.Linear.forward, at the scale the server sets): the factors in
+    the layer's dtype, the input cast to it, base output + B(A(x)) * multiplier (alpha = rank), back in the output
+    dtype. For a base PEFT cannot load into (optimum-quanto layers); equal to PEFT itself on a plain base (tested)."""
+    modules = linear_layers(transformer)
+    handles = []
+    for name, (a, b) in state.items():
+        layer = modules[name]
+        dtype = layer.weight.dtype
+        down, up = a.to(layer.weight.device, dtype), b.to(layer.weight.device, dtype)
+        rank = down.shape[0]
+        scaling = multiplier * rank / rank  # set_scale: scale * lora_alpha / r, and ai-toolkit's alpha is the rank
+
+        def hook(module, args, output, down=down, up=up, scaling=scaling):
+            lx = torch.nn.functional.linear(torch.nn.functional.linear(args[0].to(down.dtype), down), up)
+            return (output + lx * scaling).to(output.dtype)
+
+        handles.append(layer.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
 def merged_lora(transformer, state, multiplier: float):
     """ai-toolkit's merge_in: W + multiplier * B @ A computed in fp32, stored back in the base dtype."""
     modules = linear_layers(transformer)
@@ -188,17 +226,27 @@ def merged_lora(transformer, state, multiplier: float):
                 modules[name].weight.copy_(w)
 
 
-_MODELS: dict[tuple[str, str, str], LoadedModel] = {}
+_MODELS: dict[tuple, LoadedModel] = {}
 
 
-def load(model: str, device: str, dtype: str, cache_dir: Path | str | None = None) -> LoadedModel:
-    """The loaded pipeline for (model, device, dtype), loaded on first use and kept for the session.
-    `cache_dir`: where control-image latents are kept on disk for later processes and runs."""
+def load(model: str, device: str, dtype: str, cache_dir: Path | str | None = None,
+         precision: Precision | None = None) -> LoadedModel:
+    """The loaded pipeline for (model, device, dtype, precision), loaded on first use and kept for the session.
+    `cache_dir`: where control-image latents and quantized weights are kept on disk for later processes and runs."""
     from .cache import open_cache
 
-    key = (model, device, dtype_name(dtype))
+    key = (model, device, dtype_name(dtype), precision.key if precision else None)
+    cache = open_cache(cache_dir) if cache_dir is not None else None
     if key not in _MODELS:
-        _MODELS[key] = LoadedModel(model, device, dtype)
-    if cache_dir is not None:
-        _MODELS[key].disk_cache = open_cache(cache_dir)
+        _MODELS[key] = LoadedModel(model, device, dtype, precision, cache)
+    if cache is not None:
+        _MODELS[key].disk_cache = cache
     return _MODELS[key]
+
+
+def load_for(recipe, model: str, device: str, cache_dir: Path | str | None = None) -> LoadedModel:
+    """The loaded pipeline a recipe renders on: its dtype and its precision (NotRenderable: a quantization
+    that is not reproduced)."""
+    from .precision import parse
+
+    return load(model, device, recipe.dtype, cache_dir, parse(recipe.precision, recipe.ara_file))

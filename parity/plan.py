@@ -79,6 +79,7 @@ class CaseInputs:
     problems: list[CaseError]
     ara: str | None = None  # the accuracy recovery adapter as a recipe value: "sha256:<hex>", or "not found"
     ara_problem: str | None = None  # why it was not found, and the fix (the training render needs it)
+    ara_file: str | None = None  # the local file found
 
 
 def case_inputs(case: Case, options: Options) -> CaseInputs:
@@ -98,21 +99,22 @@ def case_inputs(case: Case, options: Options) -> CaseInputs:
         problems.append(err)
         folder = None
     checkpoints = index_checkpoints(case.folder, job.name, job.train_steps)
-    ara, ara_problem = accuracy_recovery_adapter(case, job)
+    ara, ara_problem, ara_file = accuracy_recovery_adapter(case, job)
     return CaseInputs(job, model, folder if folder and Path(folder).is_dir() else None, scheduler, checkpoints,
-                      problems, ara, ara_problem)
+                      problems, ara, ara_problem, ara_file)
 
 
-def accuracy_recovery_adapter(case: Case, job: TrainingJob) -> tuple[str | None, str | None]:
-    """The run's ARA by content hash; a missing one stops only the training render (the reference needs none)."""
+def accuracy_recovery_adapter(case: Case, job: TrainingJob) -> tuple[str | None, str | None, str | None]:
+    """The run's ARA: (content hash, problem, local file); a missing one stops only the training render (the
+    reference needs none)."""
     if not job.ara:
-        return None, None
+        return None, None, None
     try:
         found = quantize.find_ara(job.ara, job.path, lambda ref: case.find(ref, "accuracy recovery adapter"),
                                   case.settings.ara, case.folder / PARITY_FILE)
     except CaseError as err:
-        return "not found", str(err)
-    return "sha256:" + quantize.sha256(found), None
+        return "not found", str(err), None
+    return "sha256:" + quantize.sha256(found), None, str(found)
 
 
 def preview_problems(case: Case, inputs: CaseInputs, pv: Preview) -> tuple[SampleItem | None, list[CaseError]]:
@@ -205,7 +207,8 @@ def build_recipes(task: Task, case: Case, inputs: CaseInputs, pv: Preview, item:
     # ai-toolkit merges the LoRA only when every prompt uses the same multiplier and the base is not quantized.
     merged = len({it.network_multiplier for it in job.items}) == 1 and not job.quantize
     task.training_problem = inputs.ara_problem
-    task.training = training_recipe(job, item, lora, case.resolve, lora_merged=merged, ara=inputs.ara)
+    task.training = training_recipe(job, item, lora, case.resolve, lora_merged=merged, ara=inputs.ara,
+                                    ara_file=inputs.ara_file)
     task.reference = reference_recipe(job, item, lora, case.resolve, scheduler=inputs.scheduler,
                                       device=options.device, dtype=options.dtype)
     if job.unknown:

@@ -63,10 +63,11 @@ class Recipe:
     device: str
     dtype: str  # "bfloat16" | "float32" | "float16"
     output_format: str  # "png" | "jpeg-q75" | ...
+    ara_file: str | None = None  # the ARA's local file (part of `precision`, which names it by content hash)
 
     def key(self) -> str:
         """A stable hash of the fields that change pixels (for render caches); files count by content."""
-        data = {k: v for k, v in asdict(self).items() if k not in ("output_format", "device")}
+        data = {k: v for k, v in asdict(self).items() if k not in ("output_format", "device", "ara_file")}
         data["control_images_prompt"] = [file_digest(p) for p in self.control_images_prompt]
         data["control_images_vae"] = [file_digest(p) for p in self.control_images_vae]
         data["lora"] = file_digest(self.lora) if self.lora else None
@@ -104,6 +105,7 @@ FIELD_NAMES = (
 FIELD_ATTRS = {name: (name,) for name in FIELD_NAMES}
 FIELD_ATTRS["control_images"] = ("control_images_prompt", "control_images_vae")
 FIELD_ATTRS["seed"] = ("seed", "generator_device")
+FIELD_ATTRS["precision"] = ("precision", "ara_file")
 
 
 def public_fields(recipe: Recipe) -> dict[str, object]:
@@ -117,9 +119,31 @@ def public_fields(recipe: Recipe) -> dict[str, object]:
             out[name] = f"{recipe.seed} ({recipe.generator_device} generator)"
         elif name == "lora":
             out[name] = Path(recipe.lora).name if recipe.lora else None
+        elif name == "precision":
+            out[name] = precision_text(recipe.precision, recipe.dtype)
         else:
             out[name] = getattr(recipe, attrs[0])
     return out
+
+
+def quantization_parts(precision: str) -> dict[str, str]:
+    """`transformer:<qtype>[+ara:<hash or 'not found'>] text_encoder:<qtype>` -> component -> its value."""
+    import re
+
+    found = re.findall(r"(\w+):(.+?)(?=\s+\w+:|$)", precision.strip())
+    return dict(found)
+
+
+def precision_text(precision: str, dtype: str) -> str:
+    """`transformer:uint3+ara:sha256:<hex> text_encoder:qfloat8` -> `transformer uint3+ARA (sha256:<12 hex>),
+    text_encoder qfloat8`; `none` -> `none (bfloat16 weights)`."""
+    if precision == "none":
+        return f"none ({dtype} weights)"
+    parts = []
+    for component, qtype in quantization_parts(precision).items():
+        qtype, _, ara = qtype.partition("+ara:")
+        parts.append(f"{component} {qtype}" + (f"+ARA ({ara[:19]})" if ara else ""))
+    return ", ".join(parts)
 
 
 def _text(value: object) -> str:
@@ -139,7 +163,9 @@ def switch(base: Recipe, other: Recipe, field_names: tuple[str, ...]) -> Recipe:
 
 
 def differing_fields(a: Recipe, b: Recipe) -> tuple[str, ...]:
-    return tuple(n for n in FIELD_NAMES if any(getattr(a, x) != getattr(b, x) for x in FIELD_ATTRS[n]))
+    """Public fields whose values differ (the ARA by its content hash in `precision`, not by where it lies)."""
+    return tuple(n for n in FIELD_NAMES
+                 if any(getattr(a, x) != getattr(b, x) for x in FIELD_ATTRS[n] if x != "ara_file"))
 
 
 def scheduler_json(config: dict) -> str:
@@ -185,7 +211,7 @@ def replace_trigger(prompt: str, trigger: str | None) -> str:
 
 
 def training_recipe(job: TrainingJob, item: SampleItem, lora: str | None, resolve, *, lora_merged: bool = False,
-                    scheduler: dict | None = None, ara: str | None = None) -> Recipe:
+                    scheduler: dict | None = None, ara: str | None = None, ara_file: str | None = None) -> Recipe:
     """What ai-toolkit did for the preview of `item` (resolve maps a config path to a local file; `ara`: the
     accuracy recovery adapter's content hash, or "not found")."""
     prompt_imgs, vae_imgs = training_control_images(item)
@@ -217,6 +243,7 @@ def training_recipe(job: TrainingJob, item: SampleItem, lora: str | None, resolv
         device=job.device,
         dtype=_dtype_name(job.train_dtype),
         output_format="png" if fmt == "png" else ("jpeg-q75" if fmt in ("jpg", "jpeg") else fmt),
+        ara_file=ara_file,
     )
 
 

@@ -18,16 +18,13 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image, UnidentifiedImageError
 
+from . import precision
 from .cache import digest
-from .errors import CaseError
+from .errors import CaseError, NotRenderable
 from .kernels import cpu_bf16_convolutions
 from .pipeline import DTYPES, LoadedModel
 from .preprocess import VAE_RESIZE, UnknownRule, prompt_size, vae_size
 from .recipe import Recipe
-
-
-class NotRenderable(Exception):
-    """A recipe value this machine cannot reproduce (e.g. a quantized base without its library)."""
 
 
 @dataclass
@@ -140,9 +137,10 @@ def make_scheduler(loaded: LoadedModel, config_json: str):
 
 
 def check_renderable(loaded: LoadedModel, recipe: Recipe) -> None:
-    if recipe.precision != "none":
-        raise NotRenderable(f"a quantized base ({recipe.precision}) is not rendered yet (the uintN weights are "
-                            f"reproduced, in parity/quantize.py, but not yet applied to a render)")
+    wanted = precision.parse(recipe.precision, recipe.ara_file)
+    if (wanted.key if wanted else None) != (loaded.precision.key if loaded.precision else None):
+        raise ValueError(f"recipe precision {recipe.precision} rendered on a pipeline quantized as "
+                         f"{loaded.precision.describe() if loaded.precision else 'none'}")
     if recipe.control_vae_resize != VAE_RESIZE:
         raise NotRenderable(f"unknown VAE resize {recipe.control_vae_resize!r}")
     if DTYPES[recipe.dtype] != loaded.dtype:

@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from . import compare as cmp
 from . import metrics
 from .cache import open_cache
-from .errors import CaseError
+from .errors import CaseError, NotRenderable
 from .findings import find
 from .goldens import Goldens, fingerprint, golden_name
 from .images import check_mode, save_preview
@@ -123,7 +123,7 @@ class Checker:
             if cached is not None:
                 self.cached += 1
                 return cached, 0.0
-        loaded = pipeline.load(model, self.options.device, recipe.dtype, cache_dir=self.options.cache_dir)
+        loaded = pipeline.load_for(recipe, model, self.options.device, cache_dir=self.options.cache_dir)
         start = time.perf_counter()
         image = render.render(loaded, recipe)
         seconds = time.perf_counter() - start
@@ -183,8 +183,6 @@ class Checker:
 
     def fidelity(self, task: Task, preview: Image.Image, jpeg, row: dict) -> bool:
         """The training render against the preview: does the harness reproduce what ai-toolkit made?"""
-        from .render import NotRenderable
-
         if task.training_problem:
             row["fidelity_verdict"] = f"not renderable here: {task.training_problem}"
             return True  # unknown: do not blame the inputs
@@ -252,7 +250,7 @@ class Checker:
         from . import pipeline, render
         from .attribution import distance
 
-        loaded = pipeline.load(task.model, self.options.device, task.training.dtype, cache_dir=self.options.cache_dir)
+        loaded = pipeline.load_for(task.training, task.model, self.options.device, cache_dir=self.options.cache_dir)
         again = render.render(loaded, task.training, math_attention=True)
         self.renders += 1
         encode = self.preview_encoder(task)
@@ -265,9 +263,11 @@ class Checker:
     def explain(self, task: Task, preview: Image.Image, row: dict):
         """Counterfactual renders: which finding explains the gap (attribution), saved and recorded."""
         from .attribution import attribute
-        from .render import NotRenderable
-
         floor = self.options.floor
+        if task.training_problem:  # e.g. the ARA was not found: say which file, as the fidelity column does
+            row["causes"] = json.dumps({"unavailable": f"the training recipe is not rendered here: "
+                                                      f"{task.training_problem}"})
+            return None
         try:
             if self.options.noise_floor:
                 floor = max(floor, self.noise_floor(task, preview, row))
