@@ -8,6 +8,7 @@ import pytest
 
 from conftest import CASES, TINY_CASES, TINY_MODEL, TRACES
 from parity.case import discover
+from parity.plan import accuracy_recovery_adapter
 from parity.findings import find
 from parity.previews import index_checkpoints, index_previews, lora_for_step
 from parity.recipe import (AITK_SCHEDULER, FIELD_NAMES, LORA_PEFT, LORA_RUNTIME_FP32, reference_recipe,
@@ -16,7 +17,7 @@ from parity.preprocess import PROMPT_RESIZE, PROMPT_RESIZE_TRANSPOSED, prompt_si
 
 RUNS = ["tiny_qwen_image_edit_plus_lora_v1", "tiny_qwen_image_edit_plus_lora_strong_v1",
         "tiny_qwen_edit_plus_parity_a", "demo_qwen_image_edit_plus_lora_v1", "demo_qwen_image_edit_plus_lora_strong_v1",
-        "demo_qwen_edit_plus_parity_a"]
+        "demo_qwen_edit_plus_parity_a", "demo_qwen_edit_plus_qfloat8", "demo_qwen_edit_plus_uint3_ara"]
 SCHED = json.loads((TINY_MODEL / "scheduler/scheduler_config.json").read_text())
 
 
@@ -25,13 +26,15 @@ def recipes(run: str):
     job = case.job()
     previews, _ = index_previews(case.folder)
     ckpts = index_checkpoints(case.folder, job.name)
-    merged = len({it.network_multiplier for it in job.items}) == 1
+    merged = len({it.network_multiplier for it in job.items}) == 1 and not job.quantize
+    ara, _, ara_file = accuracy_recovery_adapter(case, job)
     out = []
     for pv in previews:
         ck = lora_for_step(case.folder, job.name, pv.step, ckpts)
         lora = str(ck.path) if ck else None
         item = job.items[pv.index]
-        out.append((pv, training_recipe(job, item, lora, case.resolve, lora_merged=merged),
+        out.append((pv, training_recipe(job, item, lora, case.resolve, lora_merged=merged, ara=ara,
+                                    ara_file=ara_file),
                     reference_recipe(job, item, lora, case.resolve, scheduler=SCHED, device="cpu", dtype="bfloat16")))
     return out
 
