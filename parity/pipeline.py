@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import time
 from pathlib import Path
 
 import torch
@@ -60,8 +61,11 @@ class LoadedModel:
         # The quantized base of a training recipe (precision.py), applied once: its ARA hooks come before any LoRA.
         self.precision = precision
         self.quantized: dict[str, int] = {}
+        self.quantize_seconds = 0.0  # applying the precision (quantizing, or reading the cached quantized weights)
         if precision is not None:
+            start = time.perf_counter()
             self.quantized = apply_precision(self.pipe, precision, disk_cache, self.identity())
+            self.quantize_seconds = time.perf_counter() - start
 
     def identity(self) -> dict:
         """What decides this model's outputs besides the inputs: for on-disk cache keys."""
