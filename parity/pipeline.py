@@ -162,21 +162,11 @@ def read_lora(path: str, transformer) -> dict[str, tuple[torch.Tensor, torch.Ten
 
 
 @contextlib.contextmanager
-def runtime_lora(transformer, state, multiplier: float):
-    """ai-toolkit's LoRAModule: the base layer's output plus the LoRA path computed in fp32 at run time."""
+def output_hooks(transformer, state, make_hook):
+    """While the block runs, each Linear the LoRA state names has its output passed through the forward hook
+    `make_hook(layer, lora_A, lora_B)` returns."""
     modules = linear_layers(transformer)
-    handles = []
-    for name, (a, b) in state.items():
-        layer = modules[name]
-        down = a.to(layer.weight.device, torch.float32)
-        up = b.to(layer.weight.device, torch.float32)
-
-        def hook(module, args, output, down=down, up=up):
-            # network_mixins.forward: lora_up(lora_down(x.float())) * scale(=1) * multiplier, cast, then added
-            lx = torch.nn.functional.linear(torch.nn.functional.linear(args[0].to(torch.float32), down), up)
-            return output + (lx * torch.tensor([multiplier], dtype=torch.float32, device=lx.device)).to(output.dtype)
-
-        handles.append(layer.register_forward_hook(hook))
+    handles = [modules[name].register_forward_hook(make_hook(modules[name], a, b)) for name, (a, b) in state.items()]
     try:
         yield
     finally:
@@ -184,30 +174,41 @@ def runtime_lora(transformer, state, multiplier: float):
             h.remove()
 
 
-@contextlib.contextmanager
+def runtime_lora(transformer, state, multiplier: float):
+    """ai-toolkit's LoRAModule: the base layer's output plus the LoRA path computed in fp32 at run time."""
+
+    def make_hook(layer, a, b):
+        down = a.to(layer.weight.device, torch.float32)
+        up = b.to(layer.weight.device, torch.float32)
+
+        def hook(module, args, output):
+            # network_mixins.forward: lora_up(lora_down(x.float())) * scale(=1) * multiplier, cast, then added
+            lx = torch.nn.functional.linear(torch.nn.functional.linear(args[0].to(torch.float32), down), up)
+            return output + (lx * torch.tensor([multiplier], dtype=torch.float32, device=lx.device)).to(output.dtype)
+
+        return hook
+
+    return output_hooks(transformer, state, make_hook)
+
+
 def peft_like_lora(transformer, state, multiplier: float):
     """What a PEFT LoRA adapter computes (peft's lora.Linear.forward, at the scale the server sets): the factors in
     the layer's dtype, the input cast to it, base output + B(A(x)) * multiplier (alpha = rank), back in the output
     dtype. For a base PEFT cannot load into (optimum-quanto layers); equal to PEFT itself on a plain base (tested)."""
-    modules = linear_layers(transformer)
-    handles = []
-    for name, (a, b) in state.items():
-        layer = modules[name]
+
+    def make_hook(layer, a, b):
         dtype = layer.weight.dtype
         down, up = a.to(layer.weight.device, dtype), b.to(layer.weight.device, dtype)
         rank = down.shape[0]
         scaling = multiplier * rank / rank  # set_scale: scale * lora_alpha / r, and ai-toolkit's alpha is the rank
 
-        def hook(module, args, output, down=down, up=up, scaling=scaling):
+        def hook(module, args, output):
             lx = torch.nn.functional.linear(torch.nn.functional.linear(args[0].to(down.dtype), down), up)
             return (output + lx * scaling).to(output.dtype)
 
-        handles.append(layer.register_forward_hook(hook))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+        return hook
+
+    return output_hooks(transformer, state, make_hook)
 
 
 @contextlib.contextmanager

@@ -164,8 +164,10 @@ def cache_name(component: str, qtype: str, ara_digest: str | None, identity: dic
     if identity is None:
         return None
     import json
+    from importlib.metadata import version
 
-    text = json.dumps([component, qtype, ara_digest, identity], sort_keys=True, default=str)
+    text = json.dumps([component, qtype, ara_digest, identity, version("optimum-quanto")], sort_keys=True,
+                      default=str)
     return f"quant-{component}-{qtype}-" + hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
