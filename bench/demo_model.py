@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO / "scripts/demo_model"))
 import task  # noqa: E402  (scripts/demo_model/task.py)
 
 from parity import pipeline, render  # noqa: E402
+from parity.models import rendered  # noqa: E402
 from parity.preprocess import PROMPT_RESIZE, VAE_RESIZE, vae_size  # noqa: E402
 from parity.recipe import LORA_NONE, Recipe, scheduler_json  # noqa: E402
 
@@ -66,7 +67,7 @@ def recipe_for(control: str, prompt: str, seed: int, steps: int, dtype: str, sch
                   control_images_prompt=(control,), control_images_vae=(control,),
                   control_prompt_resize=PROMPT_RESIZE, control_vae_resize=VAE_RESIZE, lora=None, multiplier=1.0,
                   lora_application=LORA_NONE, precision="none", text_encoder_rope="float32", vae_tiling=False,
-                  device="cpu", dtype=dtype, output_format="png")
+                  device="cpu", dtype=dtype, output_format="png", model=rendered()["qwen_image_edit_plus"].name)
 
 
 def mean_abs(a: Image.Image, b: Image.Image) -> float:

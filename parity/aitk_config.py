@@ -100,6 +100,7 @@ class TrainingJob:
     sample: dict[str, Any]
     items: tuple[SampleItem, ...]
     unknown: tuple[str, ...] = field(default=())
+    arch_tag: str | None = None  # the UI's ":2511" / ":2512" on model.arch: which checkpoint of the arch
 
 
 def _replace_name(value: Any, name: str) -> Any:
@@ -320,12 +321,13 @@ def load_job(path: Path) -> TrainingJob:
         train_dtype=str(train.get("dtype", "bf16")),
         train_steps=train.get("steps") if isinstance(train.get("steps"), int) else None,
         model_name_or_path=str(model["name_or_path"]),
-        arch=arch.split(":")[0],  # "qwen_image_edit_plus:2509" names the same arch
+        arch=arch.split(":")[0],  # "qwen_image_edit_plus:2509" names the same arch (models.identify: the tag)
         **quantization(path, model),
         low_vram=bool(model.get("low_vram", False)),
         sample={**SAMPLE_DEFAULTS, **{k: v for k, v in sample.items() if k not in ("samples", "prompts")}},
         items=items,
         unknown=tuple(unknown),
+        arch_tag=arch.partition(":")[2] or None,
     )
 
 

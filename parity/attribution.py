@@ -25,6 +25,7 @@ GROUPS = (("control_images", "control_prompt_resize", "control_vae_resize"), ("w
 NOT_RENDERED = {
     "output_format": "the preview's encoding: every render is compared encoded as the preview was",
     "device": "needs the other device; compare on that device (noise floor across devices)",
+    "model": "another checkpoint or pipeline: each side renders on its own",
 }
 
 

@@ -8,6 +8,7 @@ from .recipe import Recipe, differing_fields
 
 # What a difference in each field is known to do to the image (DESIGN section 4).
 EFFECTS = {
+    "model": "another checkpoint or pipeline of the Qwen family: a different image altogether",
     "width": "different output size: the whole image changes",
     "height": "different output size: the whole image changes",
     "steps": "different sampling schedule: detail and sharpness change",
@@ -23,7 +24,8 @@ EFFECTS = {
     "control_vae_resize": "the conditioning latents come from a differently resized control image",
     "lora": "different LoRA weights (another step, or none)",
     "multiplier": "different LoRA strength",
-    "lora_application": "LoRA added in another precision/way: small numeric drift, larger on strong LoRAs",
+    "lora_application": "LoRA added in another precision/way (a bf16 adapter, fused into bf16 weights, an fp32 "
+                        "delta): small numeric drift, larger on strong LoRAs",
     "precision": "the previews ran on quantized base weights (and an accuracy recovery adapter): broad drift",
     "text_encoder_rope": "rotary frequencies of the text encoder rounded to bf16: prompt embeddings drift by "
                          "an ulp here and there, the image by a few levels",

@@ -19,7 +19,7 @@ from .kernels import bf16_conv_mode
 from .precision import Precision
 from .precision import apply as apply_precision
 from .preflight import LORA_PREFIX, locate_model
-from .recipe import LORA_MERGED_FP32, LORA_PEFT, LORA_RUNTIME_FP32
+from .recipe import LORA_FUSED, LORA_MERGED_FP32, LORA_PEFT, LORA_RUNTIME_FP32
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
           "float16": torch.float16, "fp16": torch.float16}
@@ -105,6 +105,9 @@ class LoadedModel:
                 yield
         elif how == LORA_MERGED_FP32:
             with merged_lora(self.transformer, state, multiplier):
+                yield
+        elif how == LORA_FUSED:
+            with fused_lora(self.transformer, state, multiplier):
                 yield
         else:
             raise ValueError(f"unknown LoRA application {how!r}")
@@ -209,6 +212,39 @@ def peft_like_lora(transformer, state, multiplier: float):
         return hook
 
     return output_hooks(transformer, state, make_hook)
+
+
+@contextlib.contextmanager
+def fused_lora(transformer, state, multiplier: float):
+    """The reference server's fuse_lora (2511, 2512): each layer runs on W + delta in the base dtype, delta computed
+    as PEFT's merge computes it (B @ A * multiplier, alpha = rank; in fp32 and then rounded to the base dtype on a
+    CPU in bf16/fp16, in the base dtype elsewhere), the sum rounded once as its in-place add rounds it. The fused
+    weight is made per forward, one layer at a time, so the base is never changed (unfusing would not restore it
+    bit for bit) and no second copy of the model is held. On a quantized base (only as attribution's
+    counterfactual) the dequantized weight stands for W."""
+    from optimum.quanto import QTensor
+
+    modules = linear_layers(transformer)
+    layers = []
+    for name, (a, b) in state.items():
+        layer = modules[name]
+        weight = layer.weight
+        dtype, device = (weight.dtype, weight.device)
+        down, up = a.to(device, dtype), b.to(device, dtype)
+        on_cpu_half = device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+
+        def forward(x, layer=layer, down=down, up=up, on_cpu_half=on_cpu_half):
+            w = layer.weight.dequantize() if isinstance(layer.weight, QTensor) else layer.weight
+            delta = (up.float() @ down.float() * multiplier).to(w.dtype) if on_cpu_half else up @ down * multiplier
+            return torch.nn.functional.linear(x, w + delta, layer.bias)
+
+        layer.forward = forward  # shadows the class's forward on this instance only
+        layers.append(layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 @contextlib.contextmanager

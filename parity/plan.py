@@ -10,16 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import preflight, quantize
+from . import models, preflight, quantize
 from .aitk_config import SampleItem, TrainingJob
 from .case import PARITY_FILE, BrokenCase, Case, discover
 from .errors import CaseError
 from .options import Options
 from .previews import Preview, index_checkpoints, index_previews, lora_for_step
-from .recipe import (Recipe, reference_control_images, reference_recipe, training_control_images,
-                     training_recipe)
-
-SUPPORTED_ARCHS = ("qwen_image_edit_plus",)
+from .recipe import Recipe, reference_recipe, training_recipe
 
 
 @dataclass
@@ -80,6 +77,7 @@ class CaseInputs:
     ara: str | None = None  # the accuracy recovery adapter as a recipe value: "sha256:<hex>", or "not found"
     ara_problem: str | None = None  # why it was not found, and the fix (the training render needs it)
     ara_file: str | None = None  # the local file found
+    spec: models.Model | None = None  # the family member the run trained (None: not one the harness renders)
 
 
 def case_inputs(case: Case, options: Options) -> CaseInputs:
@@ -87,10 +85,11 @@ def case_inputs(case: Case, options: Options) -> CaseInputs:
     job = case.job()
     model = model_for(case, job, options)
     problems: list[CaseError] = []
-    if job.arch and job.arch not in SUPPORTED_ARCHS:
-        problems.append(CaseError(job.path, f"model.arch is {job.arch!r}; this harness models "
-                                  f"{', '.join(SUPPORTED_ARCHS)} (Qwen-Image-Edit-2509)",
-                                  "use a Qwen-Image-Edit-2509 (qwen_image_edit_plus) training run"))
+    spec = None
+    try:
+        spec = models.of_job(job)  # which of the Qwen family (models/): an error names the supported ones
+    except CaseError as err:
+        problems.append(err)
     folder = scheduler = None
     try:
         folder = preflight.locate_model(model)
@@ -101,7 +100,7 @@ def case_inputs(case: Case, options: Options) -> CaseInputs:
     checkpoints = index_checkpoints(case.folder, job.name, job.train_steps)
     ara, ara_problem, ara_file = accuracy_recovery_adapter(case, job)
     return CaseInputs(job, model, folder if folder and Path(folder).is_dir() else None, scheduler, checkpoints,
-                      problems, ara, ara_problem, ara_file)
+                      problems, ara, ara_problem, ara_file, spec)
 
 
 def accuracy_recovery_adapter(case: Case, job: TrainingJob) -> tuple[str | None, str | None, str | None]:
@@ -139,8 +138,11 @@ def preview_problems(case: Case, inputs: CaseInputs, pv: Preview) -> tuple[Sampl
             problems += preflight.lora_problems(str(ckpt.path), inputs.model_folder)
     except CaseError as err:
         problems.append(err)
-    prompt_imgs, vae_imgs = training_control_images(item)
-    for path in dict.fromkeys((*prompt_imgs, *vae_imgs, *reference_control_images(item))):
+    prompt_imgs, vae_imgs, reference_imgs = (), (), ()
+    if inputs.spec is not None:
+        rules = models.rules(inputs.spec)
+        (prompt_imgs, vae_imgs), reference_imgs = rules.training_control_images(item), rules.reference_control_images(item)
+    for path in dict.fromkeys((*prompt_imgs, *vae_imgs, *reference_imgs)):
         try:
             local = case.resolve(path, "control image")
             preflight.check_image(local, f"control image ({path})",

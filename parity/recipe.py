@@ -14,6 +14,7 @@ import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from . import models
 from .aitk_config import SampleItem, TrainingJob, snap
 from .preprocess import PROMPT_RESIZE, PROMPT_RESIZE_TRANSPOSED, VAE_RESIZE, effective_prompt_resize
 
@@ -30,6 +31,7 @@ SCHEDULER_KEYS = tuple(sorted(AITK_SCHEDULER))
 LORA_PEFT = "peft-adapter/base-dtype"  # load_lora_weights + adapter weight, math in the base dtype
 LORA_RUNTIME_FP32 = "runtime/fp32"  # ai-toolkit LoRA modules added to the layer output at run time
 LORA_MERGED_FP32 = "merged/fp32"  # ai-toolkit merges W + m*B@A in fp32, cast back to the base dtype
+LORA_FUSED = "fused/base-dtype"  # the server's fuse_lora: W + m*B@A as PEFT's merge computes it, in the base dtype
 LORA_NONE = "none"  # no LoRA (step 0: an untrained LoRA has a zero up-matrix)
 
 DEFAULT_REFERENCE_STEPS = 25  # ai-toolkit-inference PipelineConfig.default_steps
@@ -63,6 +65,7 @@ class Recipe:
     device: str
     dtype: str  # "bfloat16" | "float32" | "float16"
     output_format: str  # "png" | "jpeg-q75" | ...
+    model: str  # models.Model.name: ai-toolkit's arch with its variant, and the reference server's id
     ara_file: str | None = None  # the ARA's local file (part of `precision`, which names it by content hash)
 
     def key(self) -> str:
@@ -97,7 +100,7 @@ def file_digest(path: str) -> str:
 
 # Public field names (issue #3): two recipe attributes form `control_images`.
 FIELD_NAMES = (
-    "width", "height", "steps", "scheduler", "guidance", "cfg_norm", "negative_prompt", "seed", "prompt",
+    "model", "width", "height", "steps", "scheduler", "guidance", "cfg_norm", "negative_prompt", "seed", "prompt",
     "control_images", "control_prompt_resize", "control_vae_resize", "lora", "multiplier", "lora_application",
     "precision", "text_encoder_rope", "vae_tiling", "device", "dtype", "output_format",
 )
@@ -186,25 +189,6 @@ def _dtype_name(train_dtype: str) -> str:
             "fp32": "float32", "float32": "float32"}.get(train_dtype.lower(), train_dtype)
 
 
-def training_control_images(item: SampleItem) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(prompt path, VAE path) as ai-toolkit 0.12.26 builds them.
-
-    Prompt path (BaseModel.generate_images): ctrl_img, then ctrl_img_1..3, each if set; since ctrl_img_1
-    defaults to ctrl_img for a `samples:` item, such an item puts its image in the prompt twice.
-    VAE path (QwenImageEditPlusModel.generate_single_image): ctrl_img wins over ctrl_img_1, then ctrl_img_2..3.
-    """
-    prompt = tuple(p for p in (item.ctrl_img, item.ctrl_img_1, item.ctrl_img_2, item.ctrl_img_3) if p)
-    first = item.ctrl_img or item.ctrl_img_1
-    vae = tuple(p for p in (first, item.ctrl_img_2, item.ctrl_img_3) if p)
-    return prompt, vae
-
-
-def reference_control_images(item: SampleItem) -> tuple[str, ...]:
-    """ai-toolkit-inference PromptItem.get_control_images: ctrl_img_1..3 in order, ctrl_img only as fallback."""
-    numbered = tuple(p for p in (item.ctrl_img_1, item.ctrl_img_2, item.ctrl_img_3) if p)
-    return numbered or ((item.ctrl_img,) if item.ctrl_img else ())
-
-
 def replace_trigger(prompt: str, trigger: str | None) -> str:
     # ai-toolkit inject_trigger_into_prompt(add_if_not_present=False): no trigger word -> "[trigger]" stays.
     return prompt.replace("[trigger]", trigger) if trigger else prompt
@@ -213,18 +197,20 @@ def replace_trigger(prompt: str, trigger: str | None) -> str:
 def training_recipe(job: TrainingJob, item: SampleItem, lora: str | None, resolve, *, lora_merged: bool = False,
                     scheduler: dict | None = None, ara: str | None = None, ara_file: str | None = None) -> Recipe:
     """What ai-toolkit did for the preview of `item` (resolve maps a config path to a local file; `ara`: the
-    accuracy recovery adapter's content hash, or "not found")."""
-    prompt_imgs, vae_imgs = training_control_images(item)
+    accuracy recovery adapter's content hash, or "not found"). What differs per model comes from models/."""
+    model = models.of_job(job)
+    rules = models.rules(model)
+    prompt_imgs, vae_imgs = rules.training_control_images(item)
     fmt = str(job.sample.get("format", "jpg")).lower()
     return Recipe(
         # GenerateImageConfig floors to 8 (min 64); the Qwen pipeline then floors to vae_scale_factor*2 = 16,
-        # and ai-toolkit's qwen model snaps to 32 before calling it.
-        width=snap(item.width, 32),
-        height=snap(item.height, 32),
+        # and ai-toolkit's qwen model snaps to its bucket divisibility (32) before calling it.
+        width=snap(item.width, model.training_divisor),
+        height=snap(item.height, model.training_divisor),
         steps=item.sample_steps,
         scheduler=scheduler_json(scheduler or AITK_SCHEDULER),
         guidance=float(item.guidance_scale),
-        cfg_norm=bool(job.sample.get("do_cfg_norm", False)),
+        cfg_norm=rules.training_cfg_norm(job),
         negative_prompt=item.neg,
         seed=item.seed,
         generator_device="cpu",
@@ -243,6 +229,7 @@ def training_recipe(job: TrainingJob, item: SampleItem, lora: str | None, resolv
         device=job.device,
         dtype=_dtype_name(job.train_dtype),
         output_format="png" if fmt == "png" else ("jpeg-q75" if fmt in ("jpg", "jpeg") else fmt),
+        model=model.name,
         ara_file=ara_file,
     )
 
@@ -250,14 +237,16 @@ def training_recipe(job: TrainingJob, item: SampleItem, lora: str | None, resolv
 def reference_recipe(job: TrainingJob, item: SampleItem, lora: str | None, resolve, *, scheduler: dict,
                      device: str, dtype: str) -> Recipe:
     """What the reference pipeline does for a request carrying this preview's settings."""
-    images = tuple(str(resolve(p, "control image")) for p in reference_control_images(item))
+    model = models.of_job(job)
+    rules = models.rules(model)
+    images = tuple(str(resolve(p, "control image")) for p in rules.reference_control_images(item))
     return Recipe(
-        width=snap(item.requested_width, 32),  # executor: (width // 32) * 32 of the request
-        height=snap(item.requested_height, 32),
+        width=snap(item.requested_width, model.reference_divisor),  # executor: (width // divisor) * divisor
+        height=snap(item.requested_height, model.reference_divisor),
         steps=item.sample_steps,  # sent explicitly; the server's default (25) applies only to a bare request
         scheduler=scheduler_json(scheduler),  # the checkpoint's scheduler_config.json via the stock pipeline
         guidance=float(item.guidance_scale),
-        cfg_norm=True,  # stock QwenImageEditPlusPipeline always rescales comb_pred to the cond norm
+        cfg_norm=rules.REFERENCE_CFG_NORM,
         negative_prompt=item.neg,
         seed=item.seed,
         generator_device="cpu",
@@ -268,11 +257,12 @@ def reference_recipe(job: TrainingJob, item: SampleItem, lora: str | None, resol
         control_vae_resize=VAE_RESIZE,
         lora=lora,
         multiplier=float(item.network_multiplier),
-        lora_application=LORA_NONE if lora is None else LORA_PEFT,
+        lora_application=LORA_NONE if lora is None else model.reference_lora,
         precision="none",
         text_encoder_rope="float32",  # from_pretrained(torch_dtype=...) keeps the rotary buffers in float32
         vae_tiling=False,
         device=device,
         dtype=dtype,
         output_format="png",
+        model=model.name,
     )

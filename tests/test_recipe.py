@@ -83,17 +83,6 @@ def test_prompt_resize_rules():
     assert prompt_size(256, 256, PROMPT_RESIZE) == prompt_size(256, 256, PROMPT_RESIZE_TRANSPOSED) == (384, 384)
 
 
-def test_control_image_routing_samples_item_with_only_ctrl_img(tmp_path):
-    from parity.aitk_config import SampleItem
-    from parity.recipe import reference_control_images, training_control_images
-
-    item = SampleItem(0, "p", "p", 64, 64, 64, 64, "", 0, 1.0, 1, 1.0, "a.png", "a.png", "b.png", None, None, False)
-    assert training_control_images(item) == (("a.png", "a.png", "b.png"), ("a.png", "b.png"))
-    assert reference_control_images(item) == ("a.png", "b.png")
-    flag = SampleItem(0, "p", "p", 64, 64, 64, 64, "", 0, 1.0, 1, 1.0, "c.png", None, None, None, None, True)
-    assert training_control_images(flag) == (("c.png",), ("c.png",))
-
-
 def test_switch_and_field_names():
     _, t, r = recipes("tiny_qwen_edit_plus_parity_a")[5]
     mixed = switch(r, t, ("cfg_norm", "control_images"))

@@ -21,16 +21,20 @@ from test_recipe import RUNS, recipes
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-def stock_reference(tiny_model: str, dtype: torch.dtype, r, ours) -> Image.Image:
+def stock_reference(tiny_model: str, dtype: torch.dtype, r, ours, fuse: bool = False) -> Image.Image:
     """What ai-toolkit-inference does for this request, written out by hand against stock Diffusers, run with
-    the same CPU convolution kernels as the harness' render (`ours.conv_mode`, parity/kernels.py)."""
+    the same CPU convolution kernels as the harness' render (`ours.conv_mode`, parity/kernels.py). `fuse`: the
+    server's FUSE method (2511, 2512) instead of an adapter."""
     from diffusers import QwenImageEditPlusPipeline
     from diffusers.utils.peft_utils import set_weights_and_activate_adapters
 
     pipe = QwenImageEditPlusPipeline.from_pretrained(tiny_model, torch_dtype=dtype)
     if r.lora:
         pipe.load_lora_weights(r.lora, adapter_name="lora")
-        set_weights_and_activate_adapters(pipe.transformer, ["lora"], [r.multiplier])
+        if fuse:
+            pipe.fuse_lora(adapter_names=["lora"], lora_scale=r.multiplier)
+        else:
+            set_weights_and_activate_adapters(pipe.transformer, ["lora"], [r.multiplier])
     images = [Image.open(p).convert("RGB") for p in r.control_images_vae]
     tensors = []
     for img in images:  # the server's _preprocess_ctrl_for_encode, transposed formula included
@@ -65,6 +69,29 @@ def test_reference_render_equals_stock_pipeline_bit_for_bit(tiny_model, dtype, r
     stock = stock_reference(tiny_model, pipeline.DTYPES[dtype], r, loaded)
     assert ours.size == stock.size == (288, 192)
     assert np.array_equal(np.asarray(ours), np.asarray(stock))
+
+
+def test_2511_reference_render_equals_stock_pipeline_with_the_fused_lora(tiny_model, tmp_path):
+    """Qwen-Image-Edit-2511: the transformer's `zero_cond_t` (control tokens at t = 0) and the server's fused LoRA,
+    on a copy of the tiny checkpoint with 2511's transformer setting, in bf16 as the server runs."""
+    import json
+    import shutil
+
+    from parity.recipe import LORA_FUSED
+
+    model = tmp_path / "tiny-qwen-image-edit-2511"
+    shutil.copytree(tiny_model, model)
+    config = model / "transformer" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "zero_cond_t": True}))
+    _, _, r = recipes("tiny_qwen_image_edit_plus_lora_v1")[5]
+    r = r.with_fields(lora_application=LORA_FUSED)
+    loaded = pipeline.load(str(model), "cpu", "bfloat16")
+    assert loaded.transformer.config.zero_cond_t
+    ours = render.render(loaded, r)
+    stock = stock_reference(str(model), torch.bfloat16, r, loaded, fuse=True)
+    assert np.array_equal(np.asarray(ours), np.asarray(stock))
+    plain = render.render(pipeline.load(tiny_model, "cpu", "bfloat16"), r)
+    assert not np.array_equal(np.asarray(ours), np.asarray(plain))  # zero_cond_t changes the image
 
 
 # Prompt embeddings of the wide 320x240 control image differ from the recorded ones by one bf16 rounding step

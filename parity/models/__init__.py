@@ -1,0 +1,92 @@
+"""The Qwen models both sides support, one module per ai-toolkit model class: what each side does per model.
+
+A training run is identified as ai-toolkit and the reference server tell the five apart (notes:
+shared/research/qwen-family.md): `model.arch` names the ai-toolkit class, and within a class the variant comes from
+the `:tag` the UI writes into `arch` (`qwen_image_edit_plus:2511`), else from the checkpoint's `name_or_path`
+(`Qwen/Qwen-Image-Edit-2511`). Each variant is a `Model` with the reference server's id for it; a model module
+exports its variants and the recipe builders ask the identified one for everything that differs per model.
+Adding an ai-toolkit arch is one module here plus its cases.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import CaseError
+
+# The reference server's ids (runcomfy-com/ai-toolkit-inference ModelType) of the whole family, and the ai-toolkit
+# arch that trains each: the harness knows them all, and says which it renders.
+FAMILY = {
+    "qwen_image": ("qwen_image", "Qwen/Qwen-Image"),
+    "qwen_image_2512": ("qwen_image", "Qwen/Qwen-Image-2512"),
+    "qwen_image_edit": ("qwen_image_edit", "Qwen/Qwen-Image-Edit"),
+    "qwen_image_edit_plus": ("qwen_image_edit_plus", "Qwen/Qwen-Image-Edit-2509"),
+    "qwen_image_edit_plus_2511": ("qwen_image_edit_plus", "Qwen/Qwen-Image-Edit-2511"),
+}
+
+
+@dataclass(frozen=True)
+class Model:
+    """One reference-server model id and what differs per model on both sides."""
+
+    id: str  # the reference server's id (its ModelType)
+    arch: str  # ai-toolkit's model.arch, without the tag
+    variant: str | None  # the tag that tells it from the other checkpoints of its arch (2509, 2511, 2512)
+    hub_id: str  # the reference server's base_model
+    pipeline: str  # the stock Diffusers pipeline class both sides render with
+    reference_divisor: int  # the server floors width and height to this
+    training_divisor: int  # ai-toolkit's get_bucket_divisibility
+    reference_lora: str  # recipe.LORA_PEFT (set_adapters) or recipe.LORA_FUSED (fuse_lora)
+
+    @property
+    def name(self) -> str:
+        """As the recipe, the CSV and the report show it: `qwen_image_edit_plus:2511 (qwen_image_edit_plus_2511)`."""
+        return f"{self.arch}{':' + self.variant if self.variant else ''} ({self.id})"
+
+
+def _modules():
+    from . import qwen_image_edit_plus
+
+    return (qwen_image_edit_plus,)
+
+
+def rendered() -> dict[str, Model]:
+    """The models the harness renders, by reference id."""
+    return {m.id: m for module in _modules() for m in module.MODELS}
+
+
+def rules(model: Model):
+    """The module of `model`: its per-side functions (control images, CFG norm)."""
+    return next(module for module in _modules() if model in module.MODELS)
+
+
+def of_job(job) -> Model:
+    """The model a parsed training job (aitk_config.TrainingJob) trained."""
+    return identify(job.arch, job.arch_tag, job.model_name_or_path, job.path)
+
+
+def identify(arch: str, arch_tag: str | None, name_or_path: str, config) -> Model:
+    """The model a run trained, from its config's `model.arch` (its tag, if any) and `model.name_or_path`.
+    CaseError naming the config: an arch outside the family, or a family member not rendered yet."""
+    arch = arch or "qwen_image_edit_plus"  # configs without `arch` predate it; the bundled ones are 2509 runs
+    archs = sorted({a for a, _ in FAMILY.values()})
+    if arch not in archs:
+        raise CaseError(config, f"model.arch is {arch!r}, which is not a Qwen-Image model this harness checks "
+                                f"(supported: {', '.join(archs)}, as the reference server's ids "
+                                f"{', '.join(FAMILY)})", "use the config of a Qwen-Image training run")
+    variants = {m.variant: m for m in rendered().values() if m.arch == arch}
+    if arch_tag:
+        variant = arch_tag
+    else:
+        found = re.search(r"(2509|2511|2512)", name_or_path)
+        variant = found.group(1) if found else None
+    if arch == "qwen_image_edit_plus" and variant is None:
+        variant = "2509"  # the plain arch is 2509 in ai-toolkit's UI
+    if variant in variants:
+        return variants[variant]
+    known = [rid for rid, (a, _) in FAMILY.items() if a == arch]
+    raise CaseError(config, f"model.arch {arch!r}{' tagged ' + repr(arch_tag) if arch_tag else ''} with "
+                            f"name_or_path {name_or_path!r} is {' or '.join(known)} of the Qwen family, which this "
+                            f"harness does not render yet (it renders {', '.join(rendered())})",
+                    "check it with a qwen_image_edit_plus (2509) or qwen_image_edit_plus_2511 run for now")

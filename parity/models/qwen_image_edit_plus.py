@@ -1,0 +1,50 @@
+"""Qwen-Image-Edit-2509 and -2511: ai-toolkit's `qwen_image_edit_plus` (QwenImageEditPlusModel), the server's
+`qwen_image_edit_plus` and `qwen_image_edit_plus_2511` (notes: shared/research/qwen-family.md).
+
+The two checkpoints share every line of ai-toolkit's code (its own copy of the stock pipeline, with the CFG norm
+rescale off unless `sample.do_cfg_norm`) and of the server's (stock QwenImageEditPlusPipeline: always rescales);
+2511's `zero_cond_t` lives in its transformer config. They differ on the server only in how the LoRA goes on:
+2509 as a PEFT adapter (set_adapters), 2511 fused into the bf16 weights (fuse_lora).
+"""
+
+from __future__ import annotations
+
+from ..aitk_config import SampleItem, TrainingJob
+from ..recipe import LORA_FUSED, LORA_PEFT
+from . import Model
+
+COMMON = dict(arch="qwen_image_edit_plus", pipeline="QwenImageEditPlusPipeline", reference_divisor=32,
+              training_divisor=32)
+MODELS = (
+    Model(id="qwen_image_edit_plus", variant="2509", hub_id="Qwen/Qwen-Image-Edit-2509", reference_lora=LORA_PEFT,
+          **COMMON),
+    Model(id="qwen_image_edit_plus_2511", variant="2511", hub_id="Qwen/Qwen-Image-Edit-2511",
+          reference_lora=LORA_FUSED, **COMMON),
+)
+
+
+def training_cfg_norm(job: TrainingJob) -> bool:
+    """QwenImageEditPlusCustomPipeline rescales only with `sample.do_cfg_norm: true` (default off)."""
+    return bool(job.sample.get("do_cfg_norm", False))
+
+
+REFERENCE_CFG_NORM = True  # stock QwenImageEditPlusPipeline always rescales the CFG result to the cond norm
+
+
+def training_control_images(item: SampleItem) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(prompt path, VAE path) as ai-toolkit 0.12.26 builds them.
+
+    Prompt path (BaseModel.generate_images): ctrl_img, then ctrl_img_1..3, each if set; since ctrl_img_1
+    defaults to ctrl_img for a `samples:` item, such an item puts its image in the prompt twice.
+    VAE path (QwenImageEditPlusModel.generate_single_image): ctrl_img wins over ctrl_img_1, then ctrl_img_2..3.
+    """
+    prompt = tuple(p for p in (item.ctrl_img, item.ctrl_img_1, item.ctrl_img_2, item.ctrl_img_3) if p)
+    first = item.ctrl_img or item.ctrl_img_1
+    vae = tuple(p for p in (first, item.ctrl_img_2, item.ctrl_img_3) if p)
+    return prompt, vae
+
+
+def reference_control_images(item: SampleItem) -> tuple[str, ...]:
+    """ai-toolkit-inference PromptItem.get_control_images: ctrl_img_1..3 in order, ctrl_img only as fallback."""
+    numbered = tuple(p for p in (item.ctrl_img_1, item.ctrl_img_2, item.ctrl_img_3) if p)
+    return numbered or ((item.ctrl_img,) if item.ctrl_img else ())

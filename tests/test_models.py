@@ -1,0 +1,82 @@
+"""models: which member of the Qwen family a run trained, and what each side does for it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import DEMO_MODEL
+from parity import models, pipeline
+from parity.aitk_config import SampleItem
+from parity.errors import CaseError
+from parity.recipe import LORA_FUSED, LORA_PEFT
+
+EDIT_PLUS = models.rendered()["qwen_image_edit_plus"]
+EDIT_PLUS_2511 = models.rendered()["qwen_image_edit_plus_2511"]
+
+
+@pytest.mark.parametrize("arch, tag, name_or_path, expected", [
+    ("qwen_image_edit_plus", None, "Qwen/Qwen-Image-Edit-2509", "qwen_image_edit_plus"),
+    ("qwen_image_edit_plus", None, "/models/my-edit-model", "qwen_image_edit_plus"),  # the UI's plain arch: 2509
+    ("", None, "/models/my-edit-model", "qwen_image_edit_plus"),  # configs from before `arch`
+    ("qwen_image_edit_plus", "2509", "/models/x", "qwen_image_edit_plus"),
+    ("qwen_image_edit_plus", "2511", "/models/x", "qwen_image_edit_plus_2511"),  # the UI's tag wins
+    ("qwen_image_edit_plus", None, "Qwen/Qwen-Image-Edit-2511", "qwen_image_edit_plus_2511"),
+])
+def test_a_run_is_identified_as_ai_toolkit_and_the_server_tell_the_models_apart(arch, tag, name_or_path, expected):
+    model = models.identify(arch, tag, name_or_path, "config.yaml")
+    assert model.id == expected and model.arch == "qwen_image_edit_plus"
+    assert model.name == f"qwen_image_edit_plus:{model.variant} ({expected})"
+
+
+def test_an_arch_outside_the_family_or_not_rendered_yet_is_one_clear_error():
+    with pytest.raises(CaseError) as err:
+        models.identify("flux_kontext", None, "black-forest-labs/FLUX.1-Kontext-dev", "/runs/a/config.yaml")
+    text = str(err.value)
+    assert "/runs/a/config.yaml" in text and "'flux_kontext'" in text and "fix:" in text
+    assert all(name in text for name in ("qwen_image,", "qwen_image_edit,", "qwen_image_edit_plus", "2511", "2512"))
+    with pytest.raises(CaseError, match=r"qwen_image_2512 of the Qwen family, which this harness does not render"):
+        models.identify("qwen_image", "2512", "Qwen/Qwen-Image-2512", "config.yaml")
+    with pytest.raises(CaseError, match=r"is qwen_image_edit of the Qwen family"):
+        models.identify("qwen_image_edit", None, "Qwen/Qwen-Image-Edit", "config.yaml")
+    with pytest.raises(CaseError, match=r"tagged '2600'"):
+        models.identify("qwen_image_edit_plus", "2600", "x", "config.yaml")
+
+
+def test_edit_plus_control_images_as_each_side_routes_them():
+    rules = models.rules(EDIT_PLUS)
+    assert rules is models.rules(EDIT_PLUS_2511)
+    item = SampleItem(0, "p", "p", 64, 64, 64, 64, "", 0, 1.0, 1, 1.0, "a.png", "a.png", "b.png", None, None, False)
+    assert rules.training_control_images(item) == (("a.png", "a.png", "b.png"), ("a.png", "b.png"))
+    assert rules.reference_control_images(item) == ("a.png", "b.png")
+    flag = SampleItem(0, "p", "p", 64, 64, 64, 64, "", 0, 1.0, 1, 1.0, "c.png", None, None, None, None, True)
+    assert rules.training_control_images(flag) == (("c.png",), ("c.png",))
+
+
+def test_2509_and_2511_differ_on_the_server_in_how_the_lora_goes_on():
+    assert (EDIT_PLUS.reference_lora, EDIT_PLUS_2511.reference_lora) == (LORA_PEFT, LORA_FUSED)
+    assert EDIT_PLUS.hub_id == "Qwen/Qwen-Image-Edit-2509" and EDIT_PLUS_2511.hub_id == "Qwen/Qwen-Image-Edit-2511"
+
+
+def test_fused_lora_equals_diffusers_fuse_lora_and_leaves_the_base_as_it_was():
+    """The server's fuse_lora (2511, 2512) on a bf16 base at multiplier 0.7: every layer's output equal bit for
+    bit to the one Diffusers' own fuse_lora gives, and the weights untouched afterwards."""
+    lora = next((DEMO_MODEL.parent / "output" / "demo_qwen_image_edit_plus_lora_v1").glob("*_000000002.safetensors"))
+    loaded = pipeline.LoadedModel(str(DEMO_MODEL), "cpu", "bfloat16")
+    state = pipeline.read_lora(str(lora), loaded.transformer)
+    before = {k: v.clone() for k, v in loaded.transformer.state_dict().items()}
+    torch.manual_seed(3)
+    modules = dict(loaded.transformer.named_modules())
+    inputs = {n: torch.randn(2, 3, modules[n].in_features, dtype=torch.bfloat16) for n in state}
+    with loaded.lora(str(lora), 0.7, LORA_FUSED):
+        ours = {n: modules[n](x) for n, x in inputs.items()}
+    after = loaded.transformer.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+    loaded._peft_on(str(lora), 1.0)
+    loaded.pipe.fuse_lora(adapter_names=[loaded._adapter[1]], lora_scale=0.7)
+    wrapped = dict(loaded.transformer.named_modules())
+    for name, x in inputs.items():
+        assert torch.equal(wrapped[name](x), ours[name]), name
+    assert any(not torch.equal(ours[n], torch.nn.functional.linear(x, before[n + ".weight"], before.get(n + ".bias")))
+               for n, x in inputs.items())  # the LoRA did something
