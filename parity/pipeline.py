@@ -36,17 +36,19 @@ def default_device() -> str:
 class LoadedModel:
     """A pipeline on one device in one dtype, plus the LoRA state applied to its transformer."""
 
-    def __init__(self, model: str, device: str, dtype: str, precision: Precision | None = None, disk_cache=None):
-        from diffusers import QwenImageEditPlusPipeline
+    def __init__(self, model: str, device: str, dtype: str, precision: Precision | None = None, disk_cache=None,
+                 pipeline: str = "QwenImageEditPlusPipeline"):
+        import diffusers
 
         self.model = model
+        self.pipeline = pipeline  # the stock Diffusers class (models.Model.pipeline)
         self.device = device
         self.dtype = DTYPES[dtype]
         # The folder, or the hub id's snapshot in the local cache (no network); an uncached id that the hub
         # answers for is downloaded here, with Hugging Face's progress bars. Fails in seconds when unreachable.
         source = locate_model(model)
         try:
-            self.pipe = QwenImageEditPlusPipeline.from_pretrained(
+            self.pipe = getattr(diffusers, pipeline).from_pretrained(
                 source, torch_dtype=self.dtype, local_files_only=Path(source).is_dir())
         except OSError as exc:
             raise CaseError(model, f"cannot load the pipeline: {exc}",
@@ -271,15 +273,16 @@ _MODELS: dict[tuple, LoadedModel] = {}
 
 
 def load(model: str, device: str, dtype: str, cache_dir: Path | str | None = None,
-         precision: Precision | None = None) -> LoadedModel:
-    """The loaded pipeline for (model, device, dtype, precision), loaded on first use and kept for the session.
-    `cache_dir`: where control-image latents and quantized weights are kept on disk for later processes and runs."""
+         precision: Precision | None = None, pipeline: str = "QwenImageEditPlusPipeline") -> LoadedModel:
+    """The loaded pipeline for (model, device, dtype, precision, class), loaded on first use and kept for the
+    session. `cache_dir`: where control-image latents and quantized weights are kept on disk for later processes
+    and runs."""
     from .cache import open_cache
 
-    key = (model, device, dtype_name(dtype), precision.key if precision else None)
+    key = (model, device, dtype_name(dtype), precision.key if precision else None, pipeline)
     cache = open_cache(cache_dir) if cache_dir is not None else None
     if key not in _MODELS:
-        _MODELS[key] = LoadedModel(model, device, dtype, precision, cache)
+        _MODELS[key] = LoadedModel(model, device, dtype, precision, cache, pipeline)
     if cache is not None:
         _MODELS[key].disk_cache = cache
     return _MODELS[key]
@@ -288,6 +291,8 @@ def load(model: str, device: str, dtype: str, cache_dir: Path | str | None = Non
 def load_for(recipe, model: str, device: str, cache_dir: Path | str | None = None) -> LoadedModel:
     """The loaded pipeline a recipe renders on: its dtype and its precision (NotRenderable: a quantization
     that is not reproduced)."""
+    from .models import by_name
     from .precision import parse
 
-    return load(model, device, recipe.dtype, cache_dir, parse(recipe.precision, recipe.ara_file))
+    return load(model, device, recipe.dtype, cache_dir, parse(recipe.precision, recipe.ara_file),
+                by_name(recipe.model).pipeline)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image, UnidentifiedImageError
 
-from . import precision
+from . import models, precision
 from .cache import digest
 from .errors import CaseError, NotRenderable
 from .kernels import cpu_bf16_convolutions
@@ -60,8 +60,12 @@ def encode_prompt(loaded: LoadedModel, prompt: str, images: list[Image.Image], r
         except UnknownRule as exc:
             raise NotRenderable(str(exc)) from None
         tensors.append(F.interpolate(t, size=(h, w), mode="bilinear"))
-    embeds, mask = loaded.pipe.encode_prompt(prompt, image=tensors or None, device=device,
-                                             num_images_per_prompt=1)
+    if loaded.pipeline == "QwenImagePipeline":  # text only; __call__ keeps the first 512 tokens (both sides)
+        embeds, mask = loaded.pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
+                                                 max_sequence_length=512)
+    else:
+        embeds, mask = loaded.pipe.encode_prompt(prompt, image=tensors or None, device=device,
+                                                 num_images_per_prompt=1)
     if mask is None:  # both sides replace Diffusers' None (all valid) with an all-ones mask
         mask = torch.ones(embeds.shape[:2], dtype=torch.int64, device=embeds.device)
     return embeds, mask
@@ -145,6 +149,8 @@ def check_renderable(loaded: LoadedModel, recipe: Recipe) -> None:
         raise NotRenderable(f"unknown VAE resize {recipe.control_vae_resize!r}")
     if DTYPES[recipe.dtype] != loaded.dtype:
         raise ValueError(f"recipe dtype {recipe.dtype} rendered on a {loaded.dtype} pipeline")
+    if models.by_name(recipe.model).pipeline != loaded.pipeline:
+        raise ValueError(f"a {recipe.model} recipe rendered on a {loaded.pipeline}")
 
 
 def render(loaded: LoadedModel, recipe: Recipe, capture: RenderCapture | None = None, *,
@@ -194,9 +200,12 @@ def _render(loaded: LoadedModel, recipe: Recipe, capture: RenderCapture | None, 
         encoded = [control_latents(loaded, path, img, size, recipe.vae_tiling, generator, kernels)
                    for path, img, size in zip(recipe.control_images_vae, vae_pil, vae_sizes)]
         channels = pipe.transformer.config.in_channels // 4
-        # Already-encoded latents pass through prepare_latents untouched (it skips the VAE for them).
-        latents, image_latents = pipe.prepare_latents(encoded or None, 1, channels, height, width, embeds.dtype,
-                                                      device, generator, None)
+        if loaded.pipeline == "QwenImagePipeline":  # text to image: noise only
+            latents, image_latents = pipe.prepare_latents(1, channels, height, width, embeds.dtype, device,
+                                                          generator, None), None
+        else:  # already-encoded latents pass through prepare_latents untouched (it skips the VAE for them)
+            latents, image_latents = pipe.prepare_latents(encoded or None, 1, channels, height, width,
+                                                          embeds.dtype, device, generator, None)
         img_shapes = [[(1, height // pipe.vae_scale_factor // 2, width // pipe.vae_scale_factor // 2),
                        *[(1, h // pipe.vae_scale_factor // 2, w // pipe.vae_scale_factor // 2) for w, h in vae_sizes]]]
 

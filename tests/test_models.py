@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEMO_MODEL
+from conftest import DEMO_MODEL, TINY_CASES
 from parity import models, pipeline
 from parity.aitk_config import SampleItem
 from parity.errors import CaseError
@@ -22,11 +22,14 @@ EDIT_PLUS_2511 = models.rendered()["qwen_image_edit_plus_2511"]
     ("qwen_image_edit_plus", "2509", "/models/x", "qwen_image_edit_plus"),
     ("qwen_image_edit_plus", "2511", "/models/x", "qwen_image_edit_plus_2511"),  # the UI's tag wins
     ("qwen_image_edit_plus", None, "Qwen/Qwen-Image-Edit-2511", "qwen_image_edit_plus_2511"),
+    ("qwen_image", None, "Qwen/Qwen-Image", "qwen_image"),
+    ("qwen_image", "2512", "/models/x", "qwen_image_2512"),
+    ("qwen_image", None, "/models/Qwen-Image-2512", "qwen_image_2512"),
 ])
 def test_a_run_is_identified_as_ai_toolkit_and_the_server_tell_the_models_apart(arch, tag, name_or_path, expected):
     model = models.identify(arch, tag, name_or_path, "config.yaml")
-    assert model.id == expected and model.arch == "qwen_image_edit_plus"
-    assert model.name == f"qwen_image_edit_plus:{model.variant} ({expected})"
+    assert model.id == expected and model.arch == (arch or "qwen_image_edit_plus")
+    assert model.name == f"{model.arch}{':' + model.variant if model.variant else ''} ({expected})"
 
 
 def test_an_arch_outside_the_family_or_not_rendered_yet_is_one_clear_error():
@@ -35,9 +38,7 @@ def test_an_arch_outside_the_family_or_not_rendered_yet_is_one_clear_error():
     text = str(err.value)
     assert "/runs/a/config.yaml" in text and "'flux_kontext'" in text and "fix:" in text
     assert all(name in text for name in ("qwen_image,", "qwen_image_edit,", "qwen_image_edit_plus", "2511", "2512"))
-    with pytest.raises(CaseError, match=r"qwen_image_2512 of the Qwen family, which this harness does not render"):
-        models.identify("qwen_image", "2512", "Qwen/Qwen-Image-2512", "config.yaml")
-    with pytest.raises(CaseError, match=r"is qwen_image_edit of the Qwen family"):
+    with pytest.raises(CaseError, match=r"is qwen_image_edit of the Qwen family, which this harness does not"):
         models.identify("qwen_image_edit", None, "Qwen/Qwen-Image-Edit", "config.yaml")
     with pytest.raises(CaseError, match=r"tagged '2600'"):
         models.identify("qwen_image_edit_plus", "2600", "x", "config.yaml")
@@ -80,3 +81,35 @@ def test_fused_lora_equals_diffusers_fuse_lora_and_leaves_the_base_as_it_was():
         assert torch.equal(wrapped[name](x), ours[name]), name
     assert any(not torch.equal(ours[n], torch.nn.functional.linear(x, before[n + ".weight"], before.get(n + ".bias")))
                for n, x in inputs.items())  # the LoRA did something
+
+
+def test_qwen_image_recipes_floor_by_each_side_and_ignore_control_images(tmp_path):
+    """A `qwen_image` run: ai-toolkit floors sizes to 32, the server to 16; both rescale the CFG result (stock
+    QwenImagePipeline); no control image on either side; 2512 (by name_or_path) fuses the LoRA on the server."""
+    import dataclasses
+
+    import yaml
+
+    from parity.aitk_config import load_job
+    from parity.findings import differing_fields
+    from parity.recipe import reference_recipe, training_recipe
+
+    source = TINY_CASES / "workspace" / "aitk" / "output" / "tiny_qwen_image_edit_plus_lora_v1" / "config.yaml"
+    for name_or_path, expected, lora in (("Qwen/Qwen-Image", "qwen_image", LORA_PEFT),
+                                         ("Qwen/Qwen-Image-2512", "qwen_image_2512", LORA_FUSED)):
+        doc = yaml.safe_load(source.read_text())
+        doc["config"]["process"][0]["model"].update(arch="qwen_image", name_or_path=name_or_path)
+        config = tmp_path / f"{expected}.yaml"
+        config.write_text(yaml.safe_dump(doc))
+        job = load_job(config)
+        item = dataclasses.replace(job.items[0], width=336, requested_width=336)
+        t = training_recipe(job, item, "lora.safetensors", lambda p, what: p)
+        r = reference_recipe(job, item, "lora.safetensors", lambda p, what: p, scheduler={}, device="cpu",
+                             dtype="bfloat16")
+        assert t.model == r.model == models.rendered()[expected].name
+        assert (t.width, r.width, t.height, r.height) == (320, 336, 256, 256)
+        assert t.cfg_norm and r.cfg_norm
+        assert t.control_images_prompt == t.control_images_vae == r.control_images_prompt == ()
+        assert (t.lora_application, r.lora_application) == ("runtime/fp32", lora)  # multipliers differ: not merged
+        assert {"width", "lora_application"} <= set(differing_fields(t, r))
+        assert not {"model", "cfg_norm", "control_images"} & set(differing_fields(t, r))

@@ -203,3 +203,49 @@ def test_quantized_training_render_is_the_recorded_preview(run, render_cache):
         unquantized = np.asarray(render.render(pipeline.load_for(plain, str(DEMO_MODEL), "cpu"), plain), int)
     # the quantization's own effect on this small model: qfloat8 mean 0.28 levels, uint3 + ARA 0.88 (measured)
     assert np.abs(unquantized - recorded).mean() > 0.2
+
+
+def text_to_image_copy(tiny_model: str, folder) -> str:
+    """The tiny checkpoint as a Qwen-Image (text to image) checkpoint: QwenImagePipeline, no processor."""
+    import json
+    import shutil
+
+    shutil.copytree(tiny_model, folder, ignore=shutil.ignore_patterns("processor"))
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = "QwenImagePipeline"
+    del index["processor"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return str(folder)
+
+
+@pytest.mark.parametrize("variant", ["qwen_image", "qwen_image_2512"])
+def test_text_to_image_reference_render_equals_stock_qwen_image_pipeline(tiny_model, tmp_path, variant):
+    """Qwen-Image and -2512 as the server runs them: stock QwenImagePipeline with the prompt strings (encoded and
+    truncated inside), a size the server floors to 16 (320x208), the LoRA as an adapter (qwen_image) or fused
+    (2512), bf16; the harness' render equal bit for bit."""
+    from diffusers import QwenImagePipeline
+    from diffusers.utils.peft_utils import set_weights_and_activate_adapters
+
+    from parity.models import rendered
+
+    model = text_to_image_copy(tiny_model, tmp_path / "tiny-qwen-image")
+    spec = rendered()[variant]
+    _, _, r = recipes("tiny_qwen_image_edit_plus_lora_v1")[5]
+    r = r.with_fields(model=spec.name, control_images_prompt=(), control_images_vae=(), width=320, height=208,
+                      lora_application=spec.reference_lora)
+    loaded = pipeline.load_for(r, model, "cpu")
+    assert loaded.pipeline == "QwenImagePipeline" and r.lora and r.multiplier == 0.5
+    ours = render.render(loaded, r)
+
+    pipe = QwenImagePipeline.from_pretrained(model, torch_dtype=torch.bfloat16)
+    pipe.load_lora_weights(r.lora, adapter_name="lora")
+    if variant == "qwen_image_2512":
+        pipe.fuse_lora(adapter_names=["lora"], lora_scale=r.multiplier)
+    else:
+        set_weights_and_activate_adapters(pipe.transformer, ["lora"], [r.multiplier])
+    with cpu_bf16_convolutions(loaded.conv_mode):
+        stock = pipe(prompt=r.prompt, negative_prompt=r.negative_prompt, true_cfg_scale=r.guidance,
+                     num_inference_steps=r.steps, height=r.height, width=r.width,
+                     generator=torch.Generator("cpu").manual_seed(r.seed)).images[0]
+    assert ours.size == stock.size == (320, 208)
+    assert np.array_equal(np.asarray(ours), np.asarray(stock))

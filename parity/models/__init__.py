@@ -46,9 +46,17 @@ class Model:
 
 
 def _modules():
-    from . import qwen_image_edit_plus
+    from . import qwen_image, qwen_image_edit_plus
 
-    return (qwen_image_edit_plus,)
+    return (qwen_image_edit_plus, qwen_image)
+
+
+def by_name(name: str) -> Model:
+    """The model a recipe's `model` field names."""
+    for model in rendered().values():
+        if model.name == name:
+            return model
+    raise ValueError(f"unknown model {name!r} (rendered: {', '.join(m.name for m in rendered().values())})")
 
 
 def rendered() -> dict[str, Model]:
@@ -83,6 +91,8 @@ def identify(arch: str, arch_tag: str | None, name_or_path: str, config) -> Mode
         variant = found.group(1) if found else None
     if arch == "qwen_image_edit_plus" and variant is None:
         variant = "2509"  # the plain arch is 2509 in ai-toolkit's UI
+    if arch == "qwen_image" and variant == "2509":
+        variant = None  # (a name that happens to hold 2509 is not a variant of Qwen-Image)
     if variant in variants:
         return variants[variant]
     known = [rid for rid, (a, _) in FAMILY.items() if a == arch]

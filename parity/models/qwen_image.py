@@ -1,0 +1,36 @@
+"""Qwen-Image and Qwen-Image-2512 (text to image): ai-toolkit's `qwen_image` (QwenImageModel), the server's
+`qwen_image` and `qwen_image_2512` (notes: shared/research/qwen-family.md).
+
+Both sides render with stock Diffusers' QwenImagePipeline, which always rescales the CFG result to the
+conditional prediction's norm (`sample.do_cfg_norm` has no effect here), encodes the prompt from text alone and
+truncates its embeddings to 512 tokens. They differ in the size divisor (ai-toolkit floors to 32, the server to
+16) and, for 2512, in the server fusing the LoRA into the bf16 weights. Control images: ai-toolkit raises on a
+sample that names one (so such a preview cannot exist), the server ignores them.
+"""
+
+from __future__ import annotations
+
+from ..aitk_config import SampleItem, TrainingJob
+from ..recipe import LORA_FUSED, LORA_PEFT
+from . import Model
+
+COMMON = dict(arch="qwen_image", pipeline="QwenImagePipeline", reference_divisor=16, training_divisor=32)
+MODELS = (
+    Model(id="qwen_image", variant=None, hub_id="Qwen/Qwen-Image", reference_lora=LORA_PEFT, **COMMON),
+    Model(id="qwen_image_2512", variant="2512", hub_id="Qwen/Qwen-Image-2512", reference_lora=LORA_FUSED, **COMMON),
+)
+
+
+def training_cfg_norm(job: TrainingJob) -> bool:
+    return True  # stock QwenImagePipeline rescales unconditionally
+
+
+REFERENCE_CFG_NORM = True
+
+
+def training_control_images(item: SampleItem) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return (), ()  # QwenImageModel.generate_single_image raises NotImplementedError for any ctrl_img
+
+
+def reference_control_images(item: SampleItem) -> tuple[str, ...]:
+    return ()  # the server warns and ignores them for the text-to-image ids
