@@ -141,7 +141,12 @@ def preview_problems(case: Case, inputs: CaseInputs, pv: Preview) -> tuple[Sampl
     prompt_imgs, vae_imgs, reference_imgs = (), (), ()
     if inputs.spec is not None:
         rules = models.rules(inputs.spec)
-        (prompt_imgs, vae_imgs), reference_imgs = rules.training_control_images(item), rules.reference_control_images(item)
+        try:
+            (prompt_imgs, vae_imgs), reference_imgs = (rules.training_control_images(item),
+                                                       rules.reference_control_images(item))
+        except CaseError as err:  # a sample one side cannot render: named in the config
+            problems.append(CaseError(job.path, err.problem, err.fix))
+            return item, problems
     for path in dict.fromkeys((*prompt_imgs, *vae_imgs, *reference_imgs)):
         try:
             local = case.resolve(path, "control image")

@@ -12,6 +12,15 @@ VAE_AREA = 1024 * 1024  # diffusers VAE_IMAGE_SIZE
 PROMPT_RESIZE = "torch-bilinear-noaa/area384/r32"  # ai-toolkit 0.12.26 and Diffusers: aspect kept
 PROMPT_RESIZE_TRANSPOSED = "torch-bilinear-noaa/area384/r32/transposed"  # inference server (pre-#707 formula)
 VAE_RESIZE = "pil-lanczos/area1024/r32"  # Diffusers' VaeImageProcessor.preprocess, both sides
+# Qwen-Image-Edit (one control image, ~1 megapixel for the prompt encoder too):
+PROMPT_RESIZE_1024 = "torch-bilinear-noaa/area1024/r32"  # ai-toolkit QwenImageEditModel.get_prompt_embeds
+PROMPT_RESIZE_1024_TRANSPOSED = "torch-bilinear-noaa/area1024/r32/transposed"  # the server's same formula
+# The control image first resized to the requested size (ai-toolkit: bilinear, only when the sizes differ; the
+# server: Lanczos, always), then the stock pipeline's Lanczos to ~1 megapixel at that aspect.
+VAE_RESIZE_REQUEST_BILINEAR = "pil-bilinear-to-request/" + VAE_RESIZE
+VAE_RESIZE_REQUEST_LANCZOS = "pil-lanczos-to-request/" + VAE_RESIZE
+VAE_RULES = (VAE_RESIZE, VAE_RESIZE_REQUEST_BILINEAR, VAE_RESIZE_REQUEST_LANCZOS)
+TRANSPOSED = {PROMPT_RESIZE_TRANSPOSED: PROMPT_RESIZE, PROMPT_RESIZE_1024_TRANSPOSED: PROMPT_RESIZE_1024}
 
 
 class UnknownRule(ValueError):
@@ -21,14 +30,15 @@ class UnknownRule(ValueError):
 def prompt_size(width: int, height: int, rule: str) -> tuple[int, int]:
     """(width, height) the prompt encoder sees a control image at, for a named resize rule."""
     ratio = height / width
-    if rule == PROMPT_RESIZE:
-        # ai-toolkit QwenImageEditPlusModel.get_prompt_embeds: height from the area and H/W, width = height/ratio.
-        h = math.sqrt(CONDITION_AREA * ratio)
+    area = VAE_AREA if rule in (PROMPT_RESIZE_1024, PROMPT_RESIZE_1024_TRANSPOSED) else CONDITION_AREA
+    if rule in (PROMPT_RESIZE, PROMPT_RESIZE_1024):
+        # ai-toolkit get_prompt_embeds: height from the area and H/W, width = height/ratio.
+        h = math.sqrt(area * ratio)
         w = h / ratio
-    elif rule == PROMPT_RESIZE_TRANSPOSED:
+    elif rule in (PROMPT_RESIZE_TRANSPOSED, PROMPT_RESIZE_1024_TRANSPOSED):
         # ai-toolkit-inference _preprocess_ctrl_for_encode: the same H/W ratio fed to the width formula
         # (ai-toolkit's pre-#707 code), so a landscape control image reaches the encoder as portrait.
-        w = math.sqrt(CONDITION_AREA * ratio)
+        w = math.sqrt(area * ratio)
         h = w / ratio
     else:
         raise UnknownRule(f"unknown prompt-encoder resize {rule!r}")
@@ -50,8 +60,24 @@ def image_size(path: str) -> tuple[int, int]:
 
 def effective_prompt_resize(rule: str, paths: tuple[str, ...]) -> str:
     """The rule that actually applies: the transposed formula is the plain one for these images' shapes."""
-    if rule == PROMPT_RESIZE_TRANSPOSED and all(
-            prompt_size(*image_size(p), PROMPT_RESIZE_TRANSPOSED) == prompt_size(*image_size(p), PROMPT_RESIZE)
-            for p in paths):
-        return PROMPT_RESIZE
+    plain = TRANSPOSED.get(rule)
+    if plain and all(prompt_size(*image_size(p), rule) == prompt_size(*image_size(p), plain) for p in paths):
+        return plain
     return rule
+
+
+def effective_vae_resize(rule: str, paths: tuple[str, ...], width: int, height: int) -> str:
+    """The rule that actually applies: a resize to the request is none for images already at that size."""
+    if rule in (VAE_RESIZE_REQUEST_BILINEAR, VAE_RESIZE_REQUEST_LANCZOS) and all(
+            image_size(p) == (width, height) for p in paths):
+        return VAE_RESIZE
+    return rule
+
+
+def to_request(image: Image.Image, rule: str, width: int, height: int) -> Image.Image:
+    """The pre-resize a VAE rule starts with, if any (Qwen-Image-Edit): to the requested size."""
+    if rule == VAE_RESIZE_REQUEST_BILINEAR and image.size != (width, height):
+        return image.resize((width, height), Image.BILINEAR)
+    if rule == VAE_RESIZE_REQUEST_LANCZOS:
+        return image.resize((width, height), Image.LANCZOS)
+    return image

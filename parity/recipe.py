@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import models
 from .aitk_config import SampleItem, TrainingJob, snap
-from .preprocess import PROMPT_RESIZE, PROMPT_RESIZE_TRANSPOSED, VAE_RESIZE, effective_prompt_resize
+from .preprocess import effective_prompt_resize, effective_vae_resize
 
 # ai-toolkit's fixed sampling scheduler (qwen_image.py `scheduler_config`, used by get_train_scheduler).
 AITK_SCHEDULER = {
@@ -217,8 +217,11 @@ def training_recipe(job: TrainingJob, item: SampleItem, lora: str | None, resolv
         prompt=replace_trigger(item.prompt, job.trigger_word),
         control_images_prompt=tuple(str(resolve(p, "control image")) for p in prompt_imgs),
         control_images_vae=tuple(str(resolve(p, "control image")) for p in vae_imgs),
-        control_prompt_resize=PROMPT_RESIZE,
-        control_vae_resize=VAE_RESIZE,
+        control_prompt_resize=rules.TRAINING_PROMPT_RESIZE,
+        control_vae_resize=effective_vae_resize(rules.TRAINING_VAE_RESIZE, tuple(resolve(p, "control image")
+                                                                                for p in vae_imgs),
+                                                snap(item.width, model.training_divisor),
+                                                snap(item.height, model.training_divisor)),
         lora=lora,
         multiplier=float(item.network_multiplier),
         lora_application=LORA_NONE if lora is None else LORA_MERGED_FP32 if lora_merged else LORA_RUNTIME_FP32,
@@ -253,8 +256,10 @@ def reference_recipe(job: TrainingJob, item: SampleItem, lora: str | None, resol
         prompt=replace_trigger(item.raw_prompt, job.trigger_word),
         control_images_prompt=images,
         control_images_vae=images,
-        control_prompt_resize=effective_prompt_resize(PROMPT_RESIZE_TRANSPOSED, images),
-        control_vae_resize=VAE_RESIZE,
+        control_prompt_resize=effective_prompt_resize(rules.REFERENCE_PROMPT_RESIZE, images),
+        control_vae_resize=effective_vae_resize(rules.REFERENCE_VAE_RESIZE, images,
+                                                snap(item.requested_width, model.reference_divisor),
+                                                snap(item.requested_height, model.reference_divisor)),
         lora=lora,
         multiplier=float(item.network_multiplier),
         lora_application=LORA_NONE if lora is None else model.reference_lora,

@@ -23,7 +23,7 @@ from .cache import digest
 from .errors import CaseError, NotRenderable
 from .kernels import cpu_bf16_convolutions
 from .pipeline import DTYPES, LoadedModel
-from .preprocess import VAE_RESIZE, UnknownRule, prompt_size, vae_size
+from .preprocess import VAE_RESIZE, VAE_RULES, UnknownRule, prompt_size, to_request, vae_size
 from .recipe import Recipe
 
 
@@ -63,6 +63,9 @@ def encode_prompt(loaded: LoadedModel, prompt: str, images: list[Image.Image], r
     if loaded.pipeline == "QwenImagePipeline":  # text only; __call__ keeps the first 512 tokens (both sides)
         embeds, mask = loaded.pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
                                                  max_sequence_length=512)
+    elif loaded.pipeline == "QwenImageEditPipeline":  # one image, given as the tensor both sides pass
+        embeds, mask = loaded.pipe.encode_prompt(prompt, image=tensors[0] if tensors else None, device=device,
+                                                 num_images_per_prompt=1)
     else:
         embeds, mask = loaded.pipe.encode_prompt(prompt, image=tensors or None, device=device,
                                                  num_images_per_prompt=1)
@@ -100,13 +103,13 @@ def text_encoder_buffers(text_encoder, dtype_name: str):
 
 
 def control_latents(loaded: LoadedModel, path: str, image: Image.Image, size: tuple[int, int], tiling: bool,
-                    generator, kernels: str) -> torch.Tensor:
+                    generator, kernels: str, rule: str = VAE_RESIZE) -> torch.Tensor:
     """A control image's VAE latents (Lanczos to ~1024x1024, encoded with the mode, normalised), computed
     once per file, size, tiling and kernel choice (the VAE has an attention block): the two sides and every
     counterfactual share them. No RNG is used."""
     from .recipe import file_digest
 
-    key = (file_digest(path), size, tiling, kernels)
+    key = (file_digest(path), size, tiling, kernels, rule, image.size)
     if key not in loaded.latent_cache:
         w, h = size
         pixels = loaded.pipe.image_processor.preprocess(image, h, w).unsqueeze(2)
@@ -145,7 +148,7 @@ def check_renderable(loaded: LoadedModel, recipe: Recipe) -> None:
     if (wanted.key if wanted else None) != (loaded.precision.key if loaded.precision else None):
         raise ValueError(f"recipe precision {recipe.precision} rendered on a pipeline quantized as "
                          f"{loaded.precision.describe() if loaded.precision else 'none'}")
-    if recipe.control_vae_resize != VAE_RESIZE:
+    if recipe.control_vae_resize not in VAE_RULES:
         raise NotRenderable(f"unknown VAE resize {recipe.control_vae_resize!r}")
     if DTYPES[recipe.dtype] != loaded.dtype:
         raise ValueError(f"recipe dtype {recipe.dtype} rendered on a {loaded.dtype} pipeline")
@@ -178,7 +181,8 @@ def _render(loaded: LoadedModel, recipe: Recipe, capture: RenderCapture | None, 
     device = loaded.device
     dtype = loaded.dtype
     prompt_images = [open_control(p) for p in recipe.control_images_prompt]
-    vae_pil = [open_control(p) for p in recipe.control_images_vae]
+    vae_pil = [to_request(open_control(p), recipe.control_vae_resize, recipe.width, recipe.height)
+               for p in recipe.control_images_vae]
 
     with loaded.lora(recipe.lora, recipe.multiplier, recipe.lora_application), vae_tiling(pipe.vae, recipe.vae_tiling):
         with text_encoder_buffers(pipe.text_encoder, recipe.text_encoder_rope):
@@ -197,15 +201,17 @@ def _render(loaded: LoadedModel, recipe: Recipe, capture: RenderCapture | None, 
         height = recipe.height // multiple * multiple
         vae_sizes = [vae_size(*img.size) for img in vae_pil]
         generator = torch.Generator(recipe.generator_device).manual_seed(recipe.seed)
-        encoded = [control_latents(loaded, path, img, size, recipe.vae_tiling, generator, kernels)
+        encoded = [control_latents(loaded, path, img, size, recipe.vae_tiling, generator, kernels,
+                                   recipe.control_vae_resize)
                    for path, img, size in zip(recipe.control_images_vae, vae_pil, vae_sizes)]
         channels = pipe.transformer.config.in_channels // 4
         if loaded.pipeline == "QwenImagePipeline":  # text to image: noise only
             latents, image_latents = pipe.prepare_latents(1, channels, height, width, embeds.dtype, device,
                                                           generator, None), None
         else:  # already-encoded latents pass through prepare_latents untouched (it skips the VAE for them)
-            latents, image_latents = pipe.prepare_latents(encoded or None, 1, channels, height, width,
-                                                          embeds.dtype, device, generator, None)
+            given = encoded[0] if loaded.pipeline == "QwenImageEditPipeline" and encoded else encoded or None
+            latents, image_latents = pipe.prepare_latents(given, 1, channels, height, width, embeds.dtype, device,
+                                                          generator, None)
         img_shapes = [[(1, height // pipe.vae_scale_factor // 2, width // pipe.vae_scale_factor // 2),
                        *[(1, h // pipe.vae_scale_factor // 2, w // pipe.vae_scale_factor // 2) for w, h in vae_sizes]]]
 

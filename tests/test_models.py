@@ -25,6 +25,7 @@ EDIT_PLUS_2511 = models.rendered()["qwen_image_edit_plus_2511"]
     ("qwen_image", None, "Qwen/Qwen-Image", "qwen_image"),
     ("qwen_image", "2512", "/models/x", "qwen_image_2512"),
     ("qwen_image", None, "/models/Qwen-Image-2512", "qwen_image_2512"),
+    ("qwen_image_edit", None, "Qwen/Qwen-Image-Edit", "qwen_image_edit"),
 ])
 def test_a_run_is_identified_as_ai_toolkit_and_the_server_tell_the_models_apart(arch, tag, name_or_path, expected):
     model = models.identify(arch, tag, name_or_path, "config.yaml")
@@ -38,9 +39,8 @@ def test_an_arch_outside_the_family_or_not_rendered_yet_is_one_clear_error():
     text = str(err.value)
     assert "/runs/a/config.yaml" in text and "'flux_kontext'" in text and "fix:" in text
     assert all(name in text for name in ("qwen_image,", "qwen_image_edit,", "qwen_image_edit_plus", "2511", "2512"))
-    with pytest.raises(CaseError, match=r"is qwen_image_edit of the Qwen family, which this harness does not"):
-        models.identify("qwen_image_edit", None, "Qwen/Qwen-Image-Edit", "config.yaml")
-    with pytest.raises(CaseError, match=r"tagged '2600'"):
+    with pytest.raises(CaseError, match=r"tagged '2600' .* none of the checkpoints .* fix: tag the arch with one "
+                                        r"of: 2509, 2511"):
         models.identify("qwen_image_edit_plus", "2600", "x", "config.yaml")
 
 
@@ -113,3 +113,26 @@ def test_qwen_image_recipes_floor_by_each_side_and_ignore_control_images(tmp_pat
         assert (t.lora_application, r.lora_application) == ("runtime/fp32", lora)  # multipliers differ: not merged
         assert {"width", "lora_application"} <= set(differing_fields(t, r))
         assert not {"model", "cfg_norm", "control_images"} & set(differing_fields(t, r))
+
+
+def test_qwen_image_edit_routes_one_control_image_per_side_and_refuses_what_ai_toolkit_cannot_render(tmp_path):
+    """ai-toolkit: the prompt encoder takes the first of ctrl_img, ctrl_img_1..3 (aspect kept, ~1 megapixel), the
+    VAE reads ctrl_img only, resized bilinear to the request; the server: ctrl_img_1 first, its turned formula,
+    Lanczos. A ctrl_img_1-only sample crashes ai-toolkit; two control images are refused by the server."""
+    from parity.preprocess import (PROMPT_RESIZE_1024, PROMPT_RESIZE_1024_TRANSPOSED, VAE_RESIZE_REQUEST_BILINEAR,
+                                   VAE_RESIZE_REQUEST_LANCZOS)
+
+    rules = models.rules(models.rendered()["qwen_image_edit"])
+    legacy = SampleItem(0, "p", "p", 64, 64, 64, 64, "", 0, 1.0, 1, 1.0, "c.png", "c.png", None, None, None, False)
+    assert rules.training_control_images(legacy) == (("c.png",), ("c.png",))
+    assert rules.reference_control_images(legacy) == ("c.png",)
+    only_1 = SampleItem(3, "p", "p", 64, 64, 64, 64, "", 0, 1.0, 1, 1.0, None, "d.png", None, None, None, False)
+    with pytest.raises(CaseError, match="sample item 3 names ctrl_img_1 but no ctrl_img"):
+        rules.training_control_images(only_1)
+    two = SampleItem(4, "p", "p", 64, 64, 64, 64, "", 0, 1.0, 1, 1.0, None, "d.png", "e.png", None, None, False)
+    with pytest.raises(CaseError, match="sample item 4 has 2 control images"):
+        rules.reference_control_images(two)
+    assert (rules.TRAINING_PROMPT_RESIZE, rules.REFERENCE_PROMPT_RESIZE) == (PROMPT_RESIZE_1024,
+                                                                             PROMPT_RESIZE_1024_TRANSPOSED)
+    assert (rules.TRAINING_VAE_RESIZE, rules.REFERENCE_VAE_RESIZE) == (VAE_RESIZE_REQUEST_BILINEAR,
+                                                                       VAE_RESIZE_REQUEST_LANCZOS)

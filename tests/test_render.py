@@ -249,3 +249,62 @@ def test_text_to_image_reference_render_equals_stock_qwen_image_pipeline(tiny_mo
                      generator=torch.Generator("cpu").manual_seed(r.seed)).images[0]
     assert ours.size == stock.size == (320, 208)
     assert np.array_equal(np.asarray(ours), np.asarray(stock))
+
+
+def edit_copy(tiny_model: str, folder) -> str:
+    """The tiny checkpoint as a Qwen-Image-Edit checkpoint (QwenImageEditPipeline, same components)."""
+    import json
+    import shutil
+
+    shutil.copytree(tiny_model, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "QwenImageEditPipeline"}))
+    return str(folder)
+
+
+@pytest.mark.parametrize("side", ["server", "ai-toolkit"])
+def test_edit_render_equals_stock_qwen_image_edit_pipeline_as_each_side_calls_it(tiny_model, tmp_path, side):
+    """Qwen-Image-Edit as the server runs it: the control image (320x240, wide) turned by its formula for the
+    prompt encoder at ~1 megapixel, Lanczos-resized to the request (288x192) for the VAE, then the stock
+    QwenImageEditPipeline; as ai-toolkit runs it: the prompt encoder's image keeps its aspect, the VAE's is
+    resized bilinear. The LoRA as an adapter (the render path under test is the control image's); bf16. The
+    harness' render equal bit for bit."""
+    from diffusers import QwenImageEditPipeline
+    from diffusers.utils.peft_utils import set_weights_and_activate_adapters
+
+    from parity.models import rendered
+    from parity.preprocess import (PROMPT_RESIZE_1024, PROMPT_RESIZE_1024_TRANSPOSED, VAE_RESIZE_REQUEST_BILINEAR,
+                                   VAE_RESIZE_REQUEST_LANCZOS)
+
+    model = edit_copy(tiny_model, tmp_path / "tiny-qwen-image-edit")
+    _, _, r = recipes("tiny_qwen_image_edit_plus_lora_v1")[5]
+    wide = r.control_images_vae[1]
+    assert Image.open(wide).size == (320, 240)
+    r = r.with_fields(model=rendered()["qwen_image_edit"].name, control_images_prompt=(wide,),
+                      control_images_vae=(wide,),
+                      control_prompt_resize=PROMPT_RESIZE_1024_TRANSPOSED if side == "server" else PROMPT_RESIZE_1024,
+                      control_vae_resize=VAE_RESIZE_REQUEST_LANCZOS if side == "server" else VAE_RESIZE_REQUEST_BILINEAR)
+    loaded = pipeline.load_for(r, model, "cpu")
+    assert loaded.pipeline == "QwenImageEditPipeline" and (r.width, r.height) == (288, 192)
+    ours = render.render(loaded, r)
+
+    pipe = QwenImageEditPipeline.from_pretrained(model, torch_dtype=torch.bfloat16)
+    pipe.load_lora_weights(r.lora, adapter_name="lora")
+    set_weights_and_activate_adapters(pipe.transformer, ["lora"], [r.multiplier])
+    control = Image.open(wide).convert("RGB")
+    t = TF.to_tensor(control).unsqueeze(0).to("cpu", torch.bfloat16)
+    ratio = t.shape[2] / t.shape[3]
+    if side == "server":
+        w = math.sqrt(1024 * 1024 * ratio)  # the server's formula: H/W into the width
+        h = w / ratio
+    else:
+        h = math.sqrt(1024 * 1024 * ratio)  # ai-toolkit's: aspect kept
+        w = h / ratio
+    t = torch.nn.functional.interpolate(t, size=(int(round(h / 32) * 32), int(round(w / 32) * 32)), mode="bilinear")
+    pe, pm = pipe.encode_prompt(r.prompt, image=t, device="cpu", num_images_per_prompt=1)
+    ne, nm = pipe.encode_prompt(r.negative_prompt, image=t, device="cpu", num_images_per_prompt=1)
+    with cpu_bf16_convolutions(loaded.conv_mode):
+        resample = Image.LANCZOS if side == "server" else Image.BILINEAR
+        stock = _stock_call(pipe, control.resize((r.width, r.height), resample), pe, pm, ne, nm, r)
+    assert ours.size == stock.size == (288, 192)
+    assert np.array_equal(np.asarray(ours), np.asarray(stock))

@@ -46,9 +46,9 @@ class Model:
 
 
 def _modules():
-    from . import qwen_image, qwen_image_edit_plus
+    from . import qwen_image, qwen_image_edit, qwen_image_edit_plus
 
-    return (qwen_image_edit_plus, qwen_image)
+    return (qwen_image_edit_plus, qwen_image, qwen_image_edit)
 
 
 def by_name(name: str) -> Model:
@@ -95,8 +95,8 @@ def identify(arch: str, arch_tag: str | None, name_or_path: str, config) -> Mode
         variant = None  # (a name that happens to hold 2509 is not a variant of Qwen-Image)
     if variant in variants:
         return variants[variant]
-    known = [rid for rid, (a, _) in FAMILY.items() if a == arch]
+    known = ", ".join(m.name for m in variants.values())
+    tags = ", ".join(v for v in variants if v) or "none"
     raise CaseError(config, f"model.arch {arch!r}{' tagged ' + repr(arch_tag) if arch_tag else ''} with "
-                            f"name_or_path {name_or_path!r} is {' or '.join(known)} of the Qwen family, which this "
-                            f"harness does not render yet (it renders {', '.join(rendered())})",
-                    "check it with a qwen_image_edit_plus (2509) or qwen_image_edit_plus_2511 run for now")
+                            f"name_or_path {name_or_path!r} is none of the checkpoints of that arch this harness "
+                            f"renders ({known})", f"tag the arch with one of: {tags}")

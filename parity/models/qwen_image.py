@@ -11,6 +11,7 @@ sample that names one (so such a preview cannot exist), the server ignores them.
 from __future__ import annotations
 
 from ..aitk_config import SampleItem, TrainingJob
+from ..preprocess import PROMPT_RESIZE, VAE_RESIZE
 from ..recipe import LORA_FUSED, LORA_PEFT
 from . import Model
 
@@ -26,6 +27,9 @@ def training_cfg_norm(job: TrainingJob) -> bool:
 
 
 REFERENCE_CFG_NORM = True
+# no control images: the resize fields keep the edit models' values, so they never differ
+TRAINING_PROMPT_RESIZE = REFERENCE_PROMPT_RESIZE = PROMPT_RESIZE
+TRAINING_VAE_RESIZE = REFERENCE_VAE_RESIZE = VAE_RESIZE
 
 
 def training_control_images(item: SampleItem) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -10,6 +10,7 @@ rescale off unless `sample.do_cfg_norm`) and of the server's (stock QwenImageEdi
 from __future__ import annotations
 
 from ..aitk_config import SampleItem, TrainingJob
+from ..preprocess import PROMPT_RESIZE, PROMPT_RESIZE_TRANSPOSED, VAE_RESIZE
 from ..recipe import LORA_FUSED, LORA_PEFT
 from . import Model
 
@@ -29,6 +30,9 @@ def training_cfg_norm(job: TrainingJob) -> bool:
 
 
 REFERENCE_CFG_NORM = True  # stock QwenImageEditPlusPipeline always rescales the CFG result to the cond norm
+TRAINING_PROMPT_RESIZE = PROMPT_RESIZE  # ~384x384, aspect kept (PR #707)
+REFERENCE_PROMPT_RESIZE = PROMPT_RESIZE_TRANSPOSED  # the server's formula turns non-square images
+TRAINING_VAE_RESIZE = REFERENCE_VAE_RESIZE = VAE_RESIZE  # each control image at ~1 megapixel, its own aspect
 
 
 def training_control_images(item: SampleItem) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -1,0 +1,56 @@
+"""Qwen-Image-Edit (one control image): ai-toolkit's `qwen_image_edit` (QwenImageEditModel), the server's
+`qwen_image_edit` (notes: shared/research/qwen-family.md).
+
+Both sides render with stock Diffusers' QwenImageEditPipeline, which always rescales the CFG result. The prompt
+encoder sees the control image at ~1 megapixel (ai-toolkit keeps its aspect; the server's formula turns a
+non-square one). For the VAE the control image is first resized to the requested size (ai-toolkit: bilinear, and
+only when the sizes differ; the server: Lanczos), then by the pipeline to ~1 megapixel at that aspect.
+Which image: ai-toolkit's prompt path takes the first of ctrl_img, ctrl_img_1..3, its VAE path reads `ctrl_img`
+only; the server takes ctrl_img_1 first, `ctrl_img` as fallback, and refuses two or more.
+"""
+
+from __future__ import annotations
+
+from ..aitk_config import SampleItem, TrainingJob
+from ..errors import CaseError
+from ..preprocess import (PROMPT_RESIZE_1024, PROMPT_RESIZE_1024_TRANSPOSED, VAE_RESIZE_REQUEST_BILINEAR,
+                          VAE_RESIZE_REQUEST_LANCZOS)
+from ..recipe import LORA_PEFT
+from . import Model
+
+MODELS = (
+    Model(id="qwen_image_edit", arch="qwen_image_edit", variant=None, hub_id="Qwen/Qwen-Image-Edit",
+          pipeline="QwenImageEditPipeline", reference_divisor=32, training_divisor=32, reference_lora=LORA_PEFT),
+)
+
+
+def training_cfg_norm(job: TrainingJob) -> bool:
+    return True  # stock QwenImageEditPipeline rescales unconditionally
+
+
+REFERENCE_CFG_NORM = True
+TRAINING_PROMPT_RESIZE = PROMPT_RESIZE_1024
+REFERENCE_PROMPT_RESIZE = PROMPT_RESIZE_1024_TRANSPOSED
+TRAINING_VAE_RESIZE = VAE_RESIZE_REQUEST_BILINEAR
+REFERENCE_VAE_RESIZE = VAE_RESIZE_REQUEST_LANCZOS
+
+
+def training_control_images(item: SampleItem) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(prompt path, VAE path). A sample with `ctrl_img_1` but no `ctrl_img` makes ai-toolkit 0.12.26 crash
+    (its VAE path reads only ctrl_img), so no preview of it can exist."""
+    first = next((p for p in (item.ctrl_img, item.ctrl_img_1, item.ctrl_img_2, item.ctrl_img_3) if p), None)
+    if first and not item.ctrl_img:
+        raise CaseError(None, f"sample item {item.index} names ctrl_img_1 but no ctrl_img: ai-toolkit's "
+                              f"qwen_image_edit cannot render it (its VAE path reads ctrl_img only, and the stock "
+                              f"pipeline fails on no image), so this preview did not come from this config",
+                        "use `ctrl_img:` for Qwen-Image-Edit samples, or the config of the run that wrote it")
+    return ((first,) if first else ()), ((item.ctrl_img,) if item.ctrl_img else ())
+
+
+def reference_control_images(item: SampleItem) -> tuple[str, ...]:
+    numbered = tuple(p for p in (item.ctrl_img_1, item.ctrl_img_2, item.ctrl_img_3) if p)
+    if len(numbered) > 1:
+        raise CaseError(None, f"sample item {item.index} has {len(numbered)} control images: the server's "
+                              f"qwen_image_edit takes one (two or more: ValueError)",
+                        "give Qwen-Image-Edit samples one control image")
+    return numbered or ((item.ctrl_img,) if item.ctrl_img else ())
