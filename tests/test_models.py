@@ -26,6 +26,8 @@ EDIT_PLUS_2511 = models.rendered()["qwen_image_edit_plus_2511"]
     ("qwen_image", "2512", "/models/x", "qwen_image_2512"),
     ("qwen_image", None, "/models/Qwen-Image-2512", "qwen_image_2512"),
     ("qwen_image_edit", None, "Qwen/Qwen-Image-Edit", "qwen_image_edit"),
+    ("qwen_image_edit", None, "/models/Qwen-Image-Edit-2511-merged", "qwen_image_edit"),  # no variants there
+    ("qwen_image", None, "/models/qwen-image-25120", "qwen_image"),  # not the number 2512
 ])
 def test_a_run_is_identified_as_ai_toolkit_and_the_server_tell_the_models_apart(arch, tag, name_or_path, expected):
     model = models.identify(arch, tag, name_or_path, "config.yaml")

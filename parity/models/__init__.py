@@ -76,7 +76,7 @@ def of_job(job) -> Model:
 
 def identify(arch: str, arch_tag: str | None, name_or_path: str, config) -> Model:
     """The model a run trained, from its config's `model.arch` (its tag, if any) and `model.name_or_path`.
-    CaseError naming the config: an arch outside the family, or a family member not rendered yet."""
+    CaseError naming the config: an arch outside the family, or a tag that names no checkpoint of the arch."""
     arch = arch or "qwen_image_edit_plus"  # configs without `arch` predate it; the bundled ones are 2509 runs
     archs = sorted({a for a, _ in FAMILY.values()})
     if arch not in archs:
@@ -85,14 +85,11 @@ def identify(arch: str, arch_tag: str | None, name_or_path: str, config) -> Mode
                                 f"{', '.join(FAMILY)})", "use the config of a Qwen-Image training run")
     variants = {m.variant: m for m in rendered().values() if m.arch == arch}
     if arch_tag:
-        variant = arch_tag
-    else:
-        found = re.search(r"(2509|2511|2512)", name_or_path)
-        variant = found.group(1) if found else None
+        variant = arch_tag  # an explicit tag must name a known checkpoint
+    else:  # else the checkpoint's name: a variant of this arch that it holds (Qwen/Qwen-Image-Edit-2511)
+        variant = next((v for v in variants if v and re.search(rf"(?<!\d){v}(?!\d)", name_or_path)), None)
     if arch == "qwen_image_edit_plus" and variant is None:
         variant = "2509"  # the plain arch is 2509 in ai-toolkit's UI
-    if arch == "qwen_image" and variant == "2509":
-        variant = None  # (a name that happens to hold 2509 is not a variant of Qwen-Image)
     if variant in variants:
         return variants[variant]
     known = ", ".join(m.name for m in variants.values())
