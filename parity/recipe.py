@@ -201,12 +201,14 @@ def training_recipe(job: TrainingJob, item: SampleItem, lora: str | None, resolv
     model = models.of_job(job)
     rules = models.rules(model)
     prompt_imgs, vae_imgs = rules.training_control_images(item)
+    vae_files = tuple(str(resolve(p, "control image")) for p in vae_imgs)
     fmt = str(job.sample.get("format", "jpg")).lower()
+    # GenerateImageConfig floors to 8 (min 64); the Qwen pipeline then floors to vae_scale_factor*2 = 16,
+    # and ai-toolkit's qwen model snaps to its bucket divisibility (32) before calling it.
+    width, height = snap(item.width, model.training_divisor), snap(item.height, model.training_divisor)
     return Recipe(
-        # GenerateImageConfig floors to 8 (min 64); the Qwen pipeline then floors to vae_scale_factor*2 = 16,
-        # and ai-toolkit's qwen model snaps to its bucket divisibility (32) before calling it.
-        width=snap(item.width, model.training_divisor),
-        height=snap(item.height, model.training_divisor),
+        width=width,
+        height=height,
         steps=item.sample_steps,
         scheduler=scheduler_json(scheduler or AITK_SCHEDULER),
         guidance=float(item.guidance_scale),
@@ -216,12 +218,9 @@ def training_recipe(job: TrainingJob, item: SampleItem, lora: str | None, resolv
         generator_device="cpu",
         prompt=replace_trigger(item.prompt, job.trigger_word),
         control_images_prompt=tuple(str(resolve(p, "control image")) for p in prompt_imgs),
-        control_images_vae=tuple(str(resolve(p, "control image")) for p in vae_imgs),
+        control_images_vae=vae_files,
         control_prompt_resize=rules.TRAINING_PROMPT_RESIZE,
-        control_vae_resize=effective_vae_resize(rules.TRAINING_VAE_RESIZE, tuple(resolve(p, "control image")
-                                                                                for p in vae_imgs),
-                                                snap(item.width, model.training_divisor),
-                                                snap(item.height, model.training_divisor)),
+        control_vae_resize=effective_vae_resize(rules.TRAINING_VAE_RESIZE, vae_files, width, height),
         lora=lora,
         multiplier=float(item.network_multiplier),
         lora_application=LORA_NONE if lora is None else LORA_MERGED_FP32 if lora_merged else LORA_RUNTIME_FP32,
@@ -243,9 +242,12 @@ def reference_recipe(job: TrainingJob, item: SampleItem, lora: str | None, resol
     model = models.of_job(job)
     rules = models.rules(model)
     images = tuple(str(resolve(p, "control image")) for p in rules.reference_control_images(item))
+    # executor: (width // divisor) * divisor of the request
+    width, height = snap(item.requested_width, model.reference_divisor), snap(item.requested_height,
+                                                                              model.reference_divisor)
     return Recipe(
-        width=snap(item.requested_width, model.reference_divisor),  # executor: (width // divisor) * divisor
-        height=snap(item.requested_height, model.reference_divisor),
+        width=width,
+        height=height,
         steps=item.sample_steps,  # sent explicitly; the server's default (25) applies only to a bare request
         scheduler=scheduler_json(scheduler),  # the checkpoint's scheduler_config.json via the stock pipeline
         guidance=float(item.guidance_scale),
@@ -257,9 +259,7 @@ def reference_recipe(job: TrainingJob, item: SampleItem, lora: str | None, resol
         control_images_prompt=images,
         control_images_vae=images,
         control_prompt_resize=effective_prompt_resize(rules.REFERENCE_PROMPT_RESIZE, images),
-        control_vae_resize=effective_vae_resize(rules.REFERENCE_VAE_RESIZE, images,
-                                                snap(item.requested_width, model.reference_divisor),
-                                                snap(item.requested_height, model.reference_divisor)),
+        control_vae_resize=effective_vae_resize(rules.REFERENCE_VAE_RESIZE, images, width, height),
         lora=lora,
         multiplier=float(item.network_multiplier),
         lora_application=LORA_NONE if lora is None else model.reference_lora,
