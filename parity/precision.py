@@ -179,7 +179,7 @@ def quantize_transformer(transformer, precision: Precision, ara, cache, identity
         return quantize_quanto(transformer, qtype, [*transformer.transformer_blocks, transformer], cache, name)
     bits = uintx_bits(qtype)
     targets = list(ara) if ara is not None else linear_names(transformer)
-    return quantize_uintx(transformer, bits, targets, cache, name)
+    return quantize_uintx_layers(transformer, bits, targets, cache, name)
 
 
 def layer_groups(text_encoder) -> list[torch.nn.Module]:
@@ -222,7 +222,7 @@ def quantize_quanto(model, qtype: str, groups: list[torch.nn.Module], cache, nam
 
 
 @torch.no_grad()
-def quantize_uintx(transformer, bits: int, targets: list[str], cache, name: str | None) -> int:
+def quantize_uintx_layers(transformer, bits: int, targets: list[str], cache, name: str | None) -> int:
     """Each target Linear runs on its dequantized uintN weight (a layer ai-toolkit refuses stays as it is)."""
     modules = dict(transformer.named_modules())
     stored = cache.get_tensors(name) if cache is not None and name else None

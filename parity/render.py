@@ -60,15 +60,7 @@ def encode_prompt(loaded: LoadedModel, prompt: str, images: list[Image.Image], r
         except UnknownRule as exc:
             raise NotRenderable(str(exc)) from None
         tensors.append(F.interpolate(t, size=(h, w), mode="bilinear"))
-    if loaded.pipeline == "QwenImagePipeline":  # text only; __call__ keeps the first 512 tokens (both sides)
-        embeds, mask = loaded.pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
-                                                 max_sequence_length=512)
-    elif loaded.pipeline == "QwenImageEditPipeline":  # one image, given as the tensor both sides pass
-        embeds, mask = loaded.pipe.encode_prompt(prompt, image=tensors[0] if tensors else None, device=device,
-                                                 num_images_per_prompt=1)
-    else:
-        embeds, mask = loaded.pipe.encode_prompt(prompt, image=tensors or None, device=device,
-                                                 num_images_per_prompt=1)
+    embeds, mask = models.pipeline_rules(loaded.pipeline).encode_prompt(loaded.pipe, prompt, tensors, device)
     if mask is None:  # both sides replace Diffusers' None (all valid) with an all-ones mask
         mask = torch.ones(embeds.shape[:2], dtype=torch.int64, device=embeds.device)
     return embeds, mask
@@ -205,13 +197,8 @@ def _render(loaded: LoadedModel, recipe: Recipe, capture: RenderCapture | None, 
                                    recipe.control_vae_resize)
                    for path, img, size in zip(recipe.control_images_vae, vae_pil, vae_sizes)]
         channels = pipe.transformer.config.in_channels // 4
-        if loaded.pipeline == "QwenImagePipeline":  # text to image: noise only
-            latents, image_latents = pipe.prepare_latents(1, channels, height, width, embeds.dtype, device,
-                                                          generator, None), None
-        else:  # already-encoded latents pass through prepare_latents untouched (it skips the VAE for them)
-            given = encoded[0] if loaded.pipeline == "QwenImageEditPipeline" and encoded else encoded or None
-            latents, image_latents = pipe.prepare_latents(given, 1, channels, height, width, embeds.dtype, device,
-                                                          generator, None)
+        latents, image_latents = models.pipeline_rules(loaded.pipeline).prepare_latents(
+            pipe, encoded, channels, height, width, embeds.dtype, device, generator)
         img_shapes = [[(1, height // pipe.vae_scale_factor // 2, width // pipe.vae_scale_factor // 2),
                        *[(1, h // pipe.vae_scale_factor // 2, w // pipe.vae_scale_factor // 2) for w, h in vae_sizes]]]
 

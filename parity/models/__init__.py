@@ -65,8 +65,14 @@ def rendered() -> dict[str, Model]:
 
 
 def rules(model: Model):
-    """The module of `model`: its per-side functions (control images, CFG norm)."""
+    """The module of `model`: its per-side rules (control images, CFG norm, resizes) and its pipeline's calls
+    (encode_prompt, prepare_latents)."""
     return next(module for module in _modules() if model in module.MODELS)
+
+
+def pipeline_rules(pipeline: str):
+    """The module whose models render with the Diffusers class `pipeline`."""
+    return next(module for module in _modules() if any(m.pipeline == pipeline for m in module.MODELS))
 
 
 def of_job(job) -> Model:

@@ -38,3 +38,13 @@ def training_control_images(item: SampleItem) -> tuple[tuple[str, ...], tuple[st
 
 def reference_control_images(item: SampleItem) -> tuple[str, ...]:
     return ()  # the server warns and ignores them for the text-to-image ids
+
+
+def encode_prompt(pipe, prompt: str, tensors: list, device):
+    """QwenImagePipeline.encode_prompt: text only; its __call__ keeps the first 512 tokens (both sides)."""
+    return pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1, max_sequence_length=512)
+
+
+def prepare_latents(pipe, encoded: list, channels: int, height: int, width: int, dtype, device, generator):
+    """Noise only (no image latents)."""
+    return pipe.prepare_latents(1, channels, height, width, dtype, device, generator, None), None

@@ -54,3 +54,14 @@ def reference_control_images(item: SampleItem) -> tuple[str, ...]:
                               f"qwen_image_edit takes one (two or more: ValueError)",
                         "give Qwen-Image-Edit samples one control image")
     return numbered or ((item.ctrl_img,) if item.ctrl_img else ())
+
+
+def encode_prompt(pipe, prompt: str, tensors: list, device):
+    """QwenImageEditPipeline.encode_prompt with the one control image, as the tensor both sides pass."""
+    return pipe.encode_prompt(prompt, image=tensors[0] if tensors else None, device=device, num_images_per_prompt=1)
+
+
+def prepare_latents(pipe, encoded: list, channels: int, height: int, width: int, dtype, device, generator):
+    """Noise and the one control image's packed latents (already encoded: passed through)."""
+    return pipe.prepare_latents(encoded[0] if encoded else None, 1, channels, height, width, dtype, device,
+                                generator, None)

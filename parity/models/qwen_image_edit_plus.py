@@ -52,3 +52,13 @@ def reference_control_images(item: SampleItem) -> tuple[str, ...]:
     """ai-toolkit-inference PromptItem.get_control_images: ctrl_img_1..3 in order, ctrl_img only as fallback."""
     numbered = tuple(p for p in (item.ctrl_img_1, item.ctrl_img_2, item.ctrl_img_3) if p)
     return numbered or ((item.ctrl_img,) if item.ctrl_img else ())
+
+
+def encode_prompt(pipe, prompt: str, tensors: list, device):
+    """QwenImageEditPlusPipeline.encode_prompt with every control image's tensor (or none)."""
+    return pipe.encode_prompt(prompt, image=tensors or None, device=device, num_images_per_prompt=1)
+
+
+def prepare_latents(pipe, encoded: list, channels: int, height: int, width: int, dtype, device, generator):
+    """Noise and the control images' packed latents; already-encoded latents pass through untouched."""
+    return pipe.prepare_latents(encoded or None, 1, channels, height, width, dtype, device, generator, None)
