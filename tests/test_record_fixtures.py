@@ -99,6 +99,22 @@ def test_the_hook_records_every_preview_and_changes_nothing(tmp_path):
     assert np.array_equal(np.asarray(lossless), np.asarray(observed))
 
 
+def test_a_call_that_raises_is_recorded_with_its_error_and_raised_again(tmp_path):
+    rf = recorder()
+    trace = rf.Trace(tmp_path / "trace", tmp_path / "ws")
+
+    def no_image(model, pipeline, gen_config, cond, uncond, generator, extra):
+        return None.size  # what the stock edit pipeline does with image=None
+
+    args = fake_aitk_objects(tmp_path)
+    with pytest.raises(AttributeError):
+        trace.wrap(no_image)(*args, torch.Generator("cpu").manual_seed(42), {})
+    [row] = [json.loads(line) for line in (tmp_path / "trace" / "samples_trace.jsonl").read_text().splitlines()]
+    assert row["error"] == "AttributeError: 'NoneType' object has no attribute 'size'"
+    assert row["prompt"] == args[2].prompt and "output_image_size" not in row and trace.calls == 1
+    assert trace.controls == {"/workspace/aitk/data/sample_ctrl/scene_wide.png"}  # copied with the case
+
+
 def test_collect_copies_the_output_and_the_sample_controls_with_workspace_paths(tmp_path):
     rf = recorder()
     ws, out = tmp_path / "ws", tmp_path / "out"
@@ -138,6 +154,9 @@ def test_each_bundled_recording_is_its_config_and_has_a_trace_per_preview(config
     assert yaml.safe_load((case / "config.yaml").read_text()) == job  # ai-toolkit's copy of the config given
     previews = sorted((case / "samples").glob("*__*_*.*"), key=lambda p: p.name.split("__")[1])
     rows = [json.loads(line) for line in (TRACES / name / "samples_trace.jsonl").read_text().splitlines()]
+    failed = [row for row in rows if "error" in row]  # a call ai-toolkit raised on: its run stopped there
+    assert failed in ([], rows[-1:])
+    rows = rows[:len(rows) - len(failed)]
     assert len(rows) == len(previews) > 0
     for row, preview in zip(rows, previews):
         step, index = preview.stem.split("__")[1].split("_")
