@@ -111,6 +111,11 @@ class Progress:
             self.bar.close()
 
 
+def shown(distance: float | None) -> str:
+    """A distance as `explain` prints it; None is what JSON keeps of infinity (the render's size differs)."""
+    return "another size" if distance is None else f"{distance:.4f}"
+
+
 def explain(args, options) -> int:
     tasks = [t for t in plan(options) if args.preview is None or (t.preview and t.preview.name == args.preview)]
     if not tasks:
@@ -125,8 +130,8 @@ def explain(args, options) -> int:
         if data.get("unavailable"):
             print(f"  attribution not measured: {data['unavailable']}")
             continue
-        print(f"  {data['metric']}: reference {data['reference_distance']:.4f}, training "
-              f"{data['training_distance']:.4f}, gap {data['gap']:.4f}, noise floor {data['floor']:.4f}")
+        print(f"  {data['metric']}: reference {shown(data['reference_distance'])}, training "
+              f"{shown(data['training_distance'])}, gap {shown(data['gap'])}, noise floor {data['floor']:.4f}")
         if data["gap"] is not None and data["gap"] <= data["floor"]:
             print("  the gap is within the noise floor: no recipe difference can be blamed for it")
         for c in data["causes"]:
@@ -134,11 +139,11 @@ def explain(args, options) -> int:
             if not c["testable"]:
                 print(f"    {name:<40} not testable: {c['reason']}")
             elif c["share"] is None:
-                print(f"    {name:<40} distance {c['distance']:.4f} (no gap to explain)")
+                print(f"    {name:<40} distance {shown(c['distance'])} (no gap to explain)")
             else:
                 rev = "" if c["reverse_distance"] is None else \
-                    f", training recipe with the reference value: {c['reverse_distance']:.4f}"
-                print(f"    {name:<40} closes {c['share']:7.1%} (distance {c['distance']:.4f}{rev})")
+                    f", training recipe with the reference value: {shown(c['reverse_distance'])}"
+                print(f"    {name:<40} closes {c['share']:7.1%} (distance {shown(c['distance'])}{rev})")
     return 0
 
 

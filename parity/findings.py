@@ -9,8 +9,10 @@ from .recipe import Recipe, differing_fields
 # What a difference in each field is known to do to the image (DESIGN section 4).
 EFFECTS = {
     "model": "another checkpoint or pipeline of the Qwen family: a different image altogether",
-    "width": "different output size: the whole image changes",
-    "height": "different output size: the whole image changes",
+    "width": "different output size: the whole image changes (Qwen-Image/2512: ai-toolkit floors to 32, the server "
+             "to 16, so a request 16 mod 32 renders 16 px wider on the server)",
+    "height": "different output size: the whole image changes (Qwen-Image/2512: ai-toolkit floors to 32, the "
+              "server to 16)",
     "steps": "different sampling schedule: detail and sharpness change",
     "scheduler": "different sigmas/shift: the whole trajectory changes",
     "guidance": "different CFG strength: contrast, saturation and prompt adherence change",
@@ -19,13 +21,17 @@ EFFECTS = {
     "negative_prompt": "different unconditional branch: changes whatever CFG pushes away from",
     "seed": "different initial noise: a different image altogether",
     "prompt": "different text conditioning (trigger word or [name] replacement)",
-    "control_images": "different conditioning images, or the same image given twice in the prompt",
+    "control_images": "different conditioning images, or the same image given twice in the prompt (which key "
+                      "each side reads: ctrl_img first in ai-toolkit, ctrl_img_1 first on the server)",
     "control_prompt_resize": "the prompt encoder sees the control image at another size/orientation",
-    "control_vae_resize": "the conditioning latents come from a differently resized control image",
+    "control_vae_resize": "the conditioning latents come from a differently resized control image (Qwen-Image-Edit:"
+                          " bilinear to the request in ai-toolkit, Lanczos on the server; on the demo model 0.09-0.19"
+                          " levels mean, up to ~130 at edges)",
     "lora": "different LoRA weights (another step, or none)",
     "multiplier": "different LoRA strength",
-    "lora_application": "LoRA added in another precision/way (a bf16 adapter, fused into bf16 weights, an fp32 "
-                        "delta): small numeric drift, larger on strong LoRAs",
+    "lora_application": "LoRA added in another precision/way (a bf16 adapter, fused into bf16 weights as the "
+                        "server does for 2511 and 2512, an fp32 delta): small numeric drift in bf16, larger on "
+                        "strong LoRAs; none in fp32",
     "precision": "the previews ran on quantized base weights (and an accuracy recovery adapter): broad drift",
     "text_encoder_rope": "rotary frequencies of the text encoder rounded to bf16: prompt embeddings drift by "
                          "an ulp here and there, the image by a few levels",

@@ -181,6 +181,7 @@ def case_tasks(case: Case, options: Options) -> list[Task]:
             except CaseError as err:
                 task.error = str(err)
         tasks.append(task)
+    tasks += unrendered_tasks(case, inputs, {pv.index for pv in previews})
     for s in stray:
         task = Task(id=f"{case.name}/stray/{s.path.name}", case=case.name, case_folder=case.folder,
                     preview=s.path, error=f"{s.path}: {s.reason}")
@@ -198,6 +199,26 @@ def case_tasks(case: Case, options: Options) -> list[Task]:
     for t in tasks:
         if seen[t.id] > 1 and t.preview is not None:
             t.id += f"/{t.preview.stem.split('__')[0]}"
+    return tasks
+
+
+def unrendered_tasks(case: Case, inputs: CaseInputs, indices: set[int]) -> list[Task]:
+    """A `skipped` row for each sample item with no preview because ai-toolkit cannot render it (its model's rules
+    say why, e.g. a Qwen-Image-Edit sample with only `ctrl_img_1`): the expected result, said, not checked."""
+    if inputs.spec is None:
+        return []
+    rules, tasks = models.rules(inputs.spec), []
+    for item in inputs.job.items:
+        if item.index in indices:
+            continue
+        try:
+            rules.training_control_images(item)
+        except CaseError as err:
+            task = Task(id=f"{case.name}/unrendered/{item.index}", case=case.name, case_folder=case.folder,
+                        preview=None, index=item.index, model=inputs.model, prompt=item.prompt,
+                        error=f"sample item {item.index} has no preview, as expected: {err.problem}")
+            task.notes.append("skipped")
+            tasks.append(task)
     return tasks
 
 

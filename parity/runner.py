@@ -166,20 +166,23 @@ class Checker:
         row.update({f"{k}_raw": v for k, v in parity_raw.as_row().items()})
         row.update(result.as_row())
         reproduced = self.fidelity(task, preview, jpeg, row)
-        if not parity.same_size:
-            row.update(verdict="size mismatch",
-                       reason=f"preview is {parity.size_a[0]}x{parity.size_a[1]}, regeneration is "
-                              f"{parity.size_b[0]}x{parity.size_b[1]}")
-            return
-        for name, image in metrics.maps(preview, reference, result.raw).items():
-            self.save_image(task, MAP_NAMES.get(name, name + "_map"), image)
-        failed = judge(parity, task.thresholds)
+        if parity.same_size:
+            for name, image in metrics.maps(preview, reference, result.raw).items():
+                self.save_image(task, MAP_NAMES.get(name, name + "_map"), image)
+            failed = judge(parity, task.thresholds)
+        else:  # e.g. the divisors differ: attribution and `accept` can still say which field it is
+            failed = [f"preview is {parity.size_a[0]}x{parity.size_a[1]}, regeneration is "
+                      f"{parity.size_b[0]}x{parity.size_b[1]}"]
         if self.goldens is not None:
             row.update(self.goldens.check(reference, task.reference, fingerprint(self.env, task.reference.dtype),
                                           golden_name(task.case, task.preview)))
-        if self.options.explain == "all" or (self.options.explain == "failed" and failed):
+        explain = self.options.explain == "all" or (self.options.explain == "failed" and failed)
+        if explain and (parity.same_size or reproduced):  # a size gap with a wrong-size training render: inputs
             self.explain(task, preview, row)
-        row.update(self.verdict(task, preview, row, failed, reproduced))
+        outcome = self.verdict(task, preview, row, failed, reproduced) if parity.same_size or reproduced else {}
+        if not parity.same_size and outcome.get("verdict") != "explained":
+            outcome = dict(verdict="size mismatch", reason=failed[0])
+        row.update(outcome)
 
     def fidelity(self, task: Task, preview: Image.Image, jpeg, row: dict) -> bool:
         """The training render against the preview: does the harness reproduce what ai-toolkit made?"""
@@ -238,7 +241,8 @@ class Checker:
         image = self.render(switch(task.reference, task.training, fields), task.model)[0]
         switched = distance(preview, image, encode, metric)
         training = distance(preview, self.render(task.training, task.model)[0], encode, metric)
-        within = not judge(cmp.compare(preview, encode(image)), task.thresholds)
+        switched_cmp = cmp.compare(preview, encode(image))
+        within = switched_cmp.same_size and not judge(switched_cmp, task.thresholds)
         how = "passes the thresholds" if within else "does not pass the thresholds"
         detail = (f"{metric} {switched:.4g} with them at the training value ({how}) vs {training:.4g} for the "
                   f"training recipe")

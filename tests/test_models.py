@@ -138,3 +138,50 @@ def test_qwen_image_edit_routes_one_control_image_per_side_and_refuses_what_ai_t
                                                                              PROMPT_RESIZE_1024_TRANSPOSED)
     assert (rules.TRAINING_VAE_RESIZE, rules.REFERENCE_VAE_RESIZE) == (VAE_RESIZE_REQUEST_BILINEAR,
                                                                        VAE_RESIZE_REQUEST_LANCZOS)
+
+
+FAMILY_CHECKPOINTS = {"demo-qwen-image": "qwen_image", "demo-qwen-image-2512": "qwen_image_2512",
+                      "demo-qwen-image-edit": "qwen_image_edit", "demo-qwen-image-edit-2509": "qwen_image_edit_plus",
+                      "demo-qwen-image-edit-2511": "qwen_image_edit_plus_2511"}
+
+
+def test_the_bundled_checkpoints_are_remade_by_their_script_and_load_with_their_pipeline(tmp_path):
+    """One bundled diffusers folder per member of the family, written from the demo model by
+    scripts/make-family-checkpoints (byte for byte), each loaded with the stock pipeline class its model uses."""
+    import subprocess
+    import sys
+
+    import diffusers
+
+    from conftest import ROOT
+
+    aitk = DEMO_MODEL.parent
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make-family-checkpoints"), "--out", str(tmp_path)],
+                   check=True, cwd=ROOT, capture_output=True)
+    for name, model_id in FAMILY_CHECKPOINTS.items():
+        spec = models.rendered()[model_id]
+        folder = aitk / name
+        if name != DEMO_MODEL.name:
+            made = sorted(p.relative_to(tmp_path / name) for p in (tmp_path / name).rglob("*") if p.is_file())
+            assert made == sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+            assert all((tmp_path / name / p).read_bytes() == (folder / p).read_bytes() for p in made)
+        pipe = getattr(diffusers, spec.pipeline).from_pretrained(str(folder))
+        assert type(pipe).__name__ == spec.pipeline
+        assert pipe.transformer.config.zero_cond_t == (model_id == "qwen_image_edit_plus_2511")
+        assert (getattr(pipe, "processor", None) is None) == (spec.arch == "qwen_image")
+
+
+def test_every_model_of_the_family_has_a_bundled_case_and_ai_toolkit_errors_are_said():
+    """`pytest parity/` covers all five ids. A Qwen-Image-Edit sample with only ctrl_img_1 stopped ai-toolkit's
+    run (recorded): the case lists it as not rendered, with the reason, and checks the preview before it."""
+    from conftest import CASES
+    from parity.runner import Options, plan
+
+    tasks = plan(Options(cases=(CASES,), dtype="float32"))
+    assert {t.training.model for t in tasks if t.training} == {m.name for m in models.rendered().values()}
+    crashed = [t for t in tasks if t.case == "demo_qwen_image_edit_ctrl_img_1"]
+    assert [(t.id, t.error is None) for t in crashed] == [("demo_qwen_image_edit_ctrl_img_1/0/0", True),
+                                                          ("demo_qwen_image_edit_ctrl_img_1/unrendered/1", False)]
+    assert crashed[1].notes == ["skipped"] and crashed[1].error.startswith(
+        "sample item 1 has no preview, as expected: sample item 1 names ctrl_img_1 but no ctrl_img")
+    assert "AttributeError" in crashed[1].error and crashed[1].prompt == "make the background white"

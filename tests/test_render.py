@@ -182,9 +182,10 @@ def torch_threads(n: int):
 def test_quantized_training_render_is_the_recorded_preview(run, render_cache):
     """ai-toolkit's previews on a quantized base (qfloat8 transformer and text encoder; uint3 + ARA transformer
     and qfloat8 text encoder), step 2 with the LoRA at run time: rendered again from the case's files. Equal bit
-    for bit at the recording's two threads on its kind of CPU (native bf16); one thread sums the bf16 matmuls in
-    another order (seen max 28-30, mean 0.19 levels), and a CPU without native bf16 rounds otherwise. There, the
-    same render without the quantization is measurably farther."""
+    for bit at the recording's two threads on its kind of CPU (native bf16 through AMX); one thread sums the bf16
+    matmuls in another order (seen max 28-30, mean 0.19 levels). A CPU with AVX512-BF16 but no AMX rounds
+    otherwise (seen max 33-90, mean 0.19-0.23), and so does one without native bf16. On both native kinds the
+    same render without the quantization is farther from the preview."""
     from parity.kernels import NATIVE, bf16_conv_mode
 
     _, t, _ = recipes(run)[1]
@@ -194,15 +195,24 @@ def test_quantized_training_render_is_the_recorded_preview(run, render_cache):
         ours = np.asarray(render.render(loaded, t), int)
     recorded = np.asarray(Image.open(TRACES / run / "call01_preview_lossless.png").convert("RGB"), int)
     d = np.abs(ours - recorded)
+    assert d.mean() < 0.5
     if bf16_conv_mode("cpu") != NATIVE:
-        assert d.mean() < 0.5
         return
-    assert d.max() == 0
+    if cpu_has_amx():  # the recording's kind of CPU
+        assert d.max() == 0
     plain = t.with_fields(precision="none", ara_file=None)
     with torch_threads(2):
         unquantized = np.asarray(render.render(pipeline.load_for(plain, str(DEMO_MODEL), "cpu"), plain), int)
-    # the quantization's own effect on this small model: qfloat8 mean 0.28 levels, uint3 + ARA 0.88 (measured)
-    assert np.abs(unquantized - recorded).mean() > 0.2
+    # the quantization's own effect on this small model: qfloat8 mean 0.28 levels, uint3 + ARA 0.88-0.94 (measured)
+    assert np.abs(unquantized - recorded).mean() > max(d.mean(), 0.2)
+
+
+def cpu_has_amx() -> bool:
+    """AMX tiles (Sapphire Rapids and later): oneDNN's bf16 matmuls take them, and round otherwise than AVX512-BF16."""
+    try:
+        return "amx_bf16" in open("/proc/cpuinfo").read()
+    except OSError:
+        return False
 
 
 def text_to_image_copy(tiny_model: str, folder) -> str:

@@ -155,3 +155,25 @@ def test_an_accepted_difference_explains_a_gap_when_the_rest_is_within_threshold
                       r"([\d.e-]+) for the training recipe", row["reason"])
     switched, training = float(found[1]), float(found[2])
     assert training < switched < 0.05
+
+
+@pytest.mark.parametrize("accept", [(), ("width",)])
+def test_a_size_gap_from_the_divisors_is_attributed_and_can_be_accepted(render_cache, accept):
+    """The Qwen-Image case's sample 0 asks for 272x256: ai-toolkit floored it to 256 (its preview), the server
+    floors to 16 and renders 272. The training render reproduces the preview, so attribution runs and puts the
+    whole gap on `width`; accepting `width` (the bundled case's parity.yaml does) turns the size mismatch into
+    `explained`."""
+    from conftest import CASES
+    from parity.runner import Checker
+
+    options = Options(cases=(CASES / "workspace" / "aitk" / "output" / "demo_qwen_image_lora",),
+                      cache_dir=render_cache, dtype="float32", metrics=())
+    [task] = [t for t in plan(options) if t.id == "demo_qwen_image_lora/0/0"]
+    assert (task.training.width, task.reference.width) == (256, 272) and task.accept == ("width",)
+    task.accept = accept
+    row = Checker(options).check(task)
+    assert row["fidelity_verdict"] == "reproduced" and row["top_cause"] == "width" and row["top_cause_share"] == 1
+    if accept:
+        assert row["verdict"] == "explained" and "gap explained by accepted fields width" in row["reason"]
+    else:
+        assert row["verdict"] == "size mismatch" and row["reason"] == "preview is 256x256, regeneration is 272x256"

@@ -41,8 +41,9 @@ def training_control_images(item: SampleItem) -> tuple[tuple[str, ...], tuple[st
     first = next((p for p in (item.ctrl_img, item.ctrl_img_1, item.ctrl_img_2, item.ctrl_img_3) if p), None)
     if first and not item.ctrl_img:
         raise CaseError(None, f"sample item {item.index} names ctrl_img_1 but no ctrl_img: ai-toolkit's "
-                              f"qwen_image_edit cannot render it (its VAE path reads ctrl_img only, and the stock "
-                              f"pipeline fails on no image), so this preview did not come from this config",
+                              f"qwen_image_edit cannot render it (its VAE path reads ctrl_img only, so the stock "
+                              f"pipeline gets no image and raises AttributeError, which stops the training run); "
+                              f"no preview of this item comes from this config",
                         "use `ctrl_img:` for Qwen-Image-Edit samples, or the config of the run that wrote it")
     return ((first,) if first else ()), ((item.ctrl_img,) if item.ctrl_img else ())
 
