@@ -45,6 +45,8 @@ class Options:
     metrics: tuple[str, ...] = ("lpips_alex", "stlpips_alex")  # perceptual distances (parity.metrics.REGISTRY)
     lpips_weights: str | None = None  # AlexNet trunk for lpips_alex (else torchvision's cache)
     report_images: str = "compact"  # how the report stores images: compact (WebP) | lossless (PNG); images.py
+    training: str = "always"  # when the training recipe is rendered: always | failed (the reference comparison)
+    offload: str = "none"  # how the pipeline's weights use the accelerator: none | model | sequential | group
 
 
 class OptionError(ValueError):
@@ -113,6 +115,13 @@ SETTINGS: tuple[Setting, ...] = (
             "false", "flag"),
     Setting("shard", "I/N: check only the I-th of N shards (CI matrix jobs); merge with `parity merge-reports`",
             "", "shard", shown_default="(none)"),
+    Setting("training", "when the training recipe is rendered (the fidelity check): always, or only for previews "
+            "whose reference comparison failed (a run whose previews match renders each once)", "always", "choice",
+            ("always", "failed")),
+    Setting("offload", "keep the weights in CPU memory and move them to the GPU as Diffusers' offload does: none, "
+            "model (enable_model_cpu_offload), sequential (enable_sequential_cpu_offload), group "
+            "(enable_group_offload, one transformer block at a time)", "none", "choice",
+            ("none", "model", "sequential", "group")),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -189,6 +198,9 @@ def build(raw: dict[str, object], root: Path, flag=lambda s: s.flag, **fixed) ->
     thresholds = {k: values.pop(k) for k in THRESHOLD_NAMES}
     thresholds = {k: v for k, v in thresholds.items() if v is not None}
     values["device"] = values["device"] or default_device()
+    if values["offload"] != "none" and not values["device"].startswith("cuda"):
+        raise OptionError(f"{flag(BY_NAME['offload'])}: {values['offload']!r} moves weights between CPU memory and a "
+                          f"GPU, and this run renders on {values['device']!r} (use --device cuda, or offload none)")
     values["floor"] = values["floor"] or 0.0
     values["cases"] = values["cases"] or (root / "cases",)
     values.update(fixed)

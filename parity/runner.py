@@ -123,7 +123,8 @@ class Checker:
             if cached is not None:
                 self.cached += 1
                 return cached, 0.0
-        loaded = pipeline.load_for(recipe, model, self.options.device, cache_dir=self.options.cache_dir)
+        loaded = pipeline.load_for(recipe, model, self.options.device, cache_dir=self.options.cache_dir,
+                                   offload=self.options.offload)
         start = time.perf_counter()
         image = render.render(loaded, recipe)
         seconds = time.perf_counter() - start
@@ -165,24 +166,39 @@ class Checker:
         row.update(parity.as_row())
         row.update({f"{k}_raw": v for k, v in parity_raw.as_row().items()})
         row.update(result.as_row())
-        reproduced = self.fidelity(task, preview, jpeg, row)
-        if parity.same_size:
-            for name, image in metrics.maps(preview, reference, result.raw).items():
-                self.save_image(task, MAP_NAMES.get(name, name + "_map"), image)
-            failed = judge(parity, task.thresholds)
-        else:  # e.g. the divisors differ: attribution and `accept` can still say which field it is
-            failed = [f"preview is {parity.size_a[0]}x{parity.size_a[1]}, regeneration is "
-                      f"{parity.size_b[0]}x{parity.size_b[1]}"]
+        failed = self.judge_reference(task, preview, reference, result)
+        needed = failed or self.options.training == "always" or self.options.explain == "all"
+        reproduced = self.fidelity(task, preview, jpeg, row) if needed else self.fidelity_skipped(row)
         if self.goldens is not None:
             row.update(self.goldens.check(reference, task.reference, fingerprint(self.env, task.reference.dtype),
                                           golden_name(task.case, task.preview)))
+        self.conclude(task, preview, row, failed, reproduced, parity.same_size)
+
+    def judge_reference(self, task: Task, preview: Image.Image, reference: Image.Image, result) -> list:
+        """The thresholds the reference render misses (with its maps saved), or the size gap."""
+        parity = result.judged.comparison
+        if not parity.same_size:  # e.g. the divisors differ: attribution and `accept` can still name the field
+            return [f"preview is {parity.size_a[0]}x{parity.size_a[1]}, regeneration is "
+                    f"{parity.size_b[0]}x{parity.size_b[1]}"]
+        for name, image in metrics.maps(preview, reference, result.raw).items():
+            self.save_image(task, MAP_NAMES.get(name, name + "_map"), image)
+        return judge(parity, task.thresholds)
+
+    def conclude(self, task: Task, preview: Image.Image, row: dict, failed: list, reproduced: bool,
+                 same_size: bool) -> None:
+        """Attribution where asked, then the verdict."""
         explain = self.options.explain == "all" or (self.options.explain == "failed" and failed)
-        if explain and (parity.same_size or reproduced):  # a size gap with a wrong-size training render: inputs
+        if explain and (same_size or reproduced):  # a size gap with a wrong-size training render: inputs
             self.explain(task, preview, row)
-        outcome = self.verdict(task, preview, row, failed, reproduced) if parity.same_size or reproduced else {}
-        if not parity.same_size and outcome.get("verdict") != "explained":
+        outcome = self.verdict(task, preview, row, failed, reproduced) if same_size or reproduced else {}
+        if not same_size and outcome.get("verdict") != "explained":
             outcome = dict(verdict="size mismatch", reason=failed[0])
         row.update(outcome)
+
+    @staticmethod
+    def fidelity_skipped(row: dict) -> bool:
+        row["fidelity_verdict"] = "not rendered (--parity-training failed: the reference matched)"
+        return True
 
     def fidelity(self, task: Task, preview: Image.Image, jpeg, row: dict) -> bool:
         """The training render against the preview: does the harness reproduce what ai-toolkit made?"""
@@ -254,7 +270,8 @@ class Checker:
         from . import pipeline, render
         from .attribution import distance
 
-        loaded = pipeline.load_for(task.training, task.model, self.options.device, cache_dir=self.options.cache_dir)
+        loaded = pipeline.load_for(task.training, task.model, self.options.device, cache_dir=self.options.cache_dir,
+                                   offload=self.options.offload)
         again = render.render(loaded, task.training, math_attention=True)
         self.renders += 1
         encode = self.preview_encoder(task)

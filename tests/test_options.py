@@ -19,7 +19,7 @@ VALUES = {"cases": ["a", "b"], "report_dir": "rep", "report_images": "lossless",
           "max_abs_max": "30", "psnr_min": "35", "explain": "all", "metric": "ssim", "reverse": True,
           "noise_floor": True, "floor": "0.25", "metrics": "stlpips_alex", "lpips_weights": "/w/alexnet.pth",
           "goldens": "gold", "update_goldens": True, "accept": "cfg_norm control_prompt_resize",
-          "deterministic": True, "shard": "2/3"}
+          "deterministic": True, "shard": "2/3", "training": "failed", "offload": "model"}
 
 
 def test_every_setting_has_a_test_value():
@@ -85,3 +85,10 @@ def test_bad_values_name_the_option_as_each_front_end_spells_it(tmp_path):
         table.build({"floor": "low"}, tmp_path)
     with pytest.raises(table.OptionError, match=r"--shard: takes I/N \(e.g. 2/4\), not '3'"):
         table.from_argparse(parser().parse_args(["run", "x", "--shard", "3"]), root=tmp_path)
+
+
+def test_offload_without_a_gpu_is_a_usage_error_naming_the_fix(tmp_path):
+    with pytest.raises(table.OptionError, match=r"--parity-offload: 'group' moves weights between CPU memory and a "
+                                                r"GPU, and this run renders on 'cpu' \(use --device cuda"):
+        table.build({"offload": "group", "device": "cpu"}, tmp_path)
+    assert table.build({"offload": "group", "device": "cuda"}, tmp_path).offload == "group"

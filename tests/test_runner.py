@@ -177,3 +177,21 @@ def test_a_size_gap_from_the_divisors_is_attributed_and_can_be_accepted(render_c
         assert row["verdict"] == "explained" and "gap explained by accepted fields width" in row["reason"]
     else:
         assert row["verdict"] == "size mismatch" and row["reason"] == "preview is 256x256, regeneration is 272x256"
+
+
+@pytest.mark.parametrize("training", ["always", "failed"])
+def test_training_renders_only_for_failed_previews_when_asked(tmp_path, training):
+    """`--parity-training failed`: a run whose previews all match renders each preview once (the reference);
+    the fidelity column says why the training render is absent. `always` renders both."""
+    from conftest import CASES
+
+    case = CASES / "workspace" / "aitk" / "output" / "demo_qwen_image_2512_lora"
+    options = Options(cases=(case,), report_dir=tmp_path / "rep", cache_dir=tmp_path / "cache", dtype="float32",
+                      metrics=(), training=training)
+    records = run(options)
+    assert [r["verdict"] for r in records] == ["match", "match"]
+    # step 0's two recipes are one recipe (no LoRA; both sides rescale, same size): rendered once either way
+    assert sum(r["renders"] for r in records) == (2 if training == "failed" else 3)
+    expected = "not rendered (--parity-training failed: the reference matched)" if training == "failed" \
+        else "reproduced"
+    assert {r["fidelity_verdict"] for r in records} == {expected}
