@@ -37,7 +37,7 @@ class LoadedModel:
     """A pipeline on one device in one dtype, plus the LoRA state applied to its transformer."""
 
     def __init__(self, model: str, device: str, dtype: str, precision: Precision | None = None, disk_cache=None,
-                 pipeline: str = "QwenImageEditPlusPipeline"):
+                 pipeline: str = "QwenImageEditPlusPipeline", offload: str = "none"):
         import diffusers
 
         self.model = model
@@ -54,20 +54,38 @@ class LoadedModel:
             raise CaseError(model, f"cannot load the pipeline: {exc}",
                             "give `model:` in parity.yaml as a local diffusers folder, or make the hub id "
                             "reachable (HF_HOME cache or network)") from None
-        self.pipe.to(device)
-        self.pipe.set_progress_bar_config(disable=True)
-        self._adapter: tuple[str, str] | None = None  # (lora file, adapter name) loaded through PEFT
-        self.latent_cache: dict[tuple, torch.Tensor] = {}  # control-image VAE latents (render.control_latents)
-        self.disk_cache = disk_cache  # cache.DiskCache shared across processes and runs
-        self.conv_mode = bf16_conv_mode(device)  # kernels.py: bf16 convolutions on a CPU without native bf16
-        # The quantized base of a training recipe (precision.py), applied once: its ARA hooks come before any LoRA.
-        self.precision = precision
-        self.quantized: dict[str, int] = {}
-        self.quantize_seconds = 0.0  # applying the precision (quantizing, or reading the cached quantized weights)
+        if offload == "none":
+            self.pipe.to(device)
+        self._state(offload, disk_cache, precision)
         if precision is not None:
             start = time.perf_counter()
             self.quantized = apply_precision(self.pipe, precision, disk_cache, self.identity())
             self.quantize_seconds = time.perf_counter() - start
+        if offload != "none":  # after quantizing: the quantized weights are the ones kept in CPU memory
+            enable_offload(self.pipe, offload, device)
+
+    def _state(self, offload: str, disk_cache, precision: Precision | None) -> None:
+        self.offload = offload
+        self.pipe.set_progress_bar_config(disable=True)
+        self._adapter: tuple[str, str] | None = None  # (lora file, adapter name) loaded through PEFT
+        self.latent_cache: dict[tuple, torch.Tensor] = {}  # control-image VAE latents (render.control_latents)
+        self.prompt_cache: dict[str, tuple] = {}  # prompt embeddings and masks (render.encode_prompt)
+        self.disk_cache = disk_cache  # cache.DiskCache shared across processes and runs
+        self.conv_mode = bf16_conv_mode(self.device)  # kernels.py: bf16 convolutions on a CPU without native bf16
+        # The quantized base of a training recipe (precision.py), applied once: its ARA hooks come before any LoRA.
+        self.precision = precision
+        self.quantized: dict[str, int] = {}
+        self.quantize_seconds = 0.0  # applying the precision (quantizing, or reading the cached quantized weights)
+
+    @classmethod
+    def wrap(cls, pipe, name: str, device: str, dtype: str, offload: str = "none") -> "LoadedModel":
+        """A pipeline built in memory (scripts/real_size.py: real-size networks with random weights), already on
+        `device` or offloaded as `offload` says, for the renderer."""
+        self = cls.__new__(cls)
+        self.model, self.pipeline, self.device, self.dtype, self.pipe = name, type(pipe).__name__, device, \
+            DTYPES[dtype], pipe
+        self._state(offload, None, None)
+        return self
 
     def identity(self) -> dict:
         """What decides this model's outputs besides the inputs: for on-disk cache keys."""
@@ -91,6 +109,9 @@ class LoadedModel:
             self._peft_off()
             yield
             return
+        if self.offload == "sequential" and how in (LORA_MERGED_FP32, LORA_FUSED):
+            raise NotRenderable(f"a {how} LoRA with sequential offload (the weights wait on the meta device and each "
+                                f"layer's forward belongs to accelerate): use --parity-offload model or group")
         if how == LORA_PEFT and self.precision is None:
             self._peft_on(path, multiplier)
             yield
@@ -133,6 +154,39 @@ class LoadedModel:
     def _peft_off(self) -> None:
         if self._adapter is not None:
             self.pipe.disable_lora()
+
+
+OFFLOADS = ("none", "model", "sequential", "group")
+
+
+def enable_offload(pipe, how: str, device: str) -> None:
+    """Diffusers' own offloading: the weights live in CPU memory and move to `device` as they are needed.
+
+    model: each component moves whole when it runs (enable_model_cpu_offload), the server's choice for 24-48 GB;
+    sequential: each layer moves when it runs (enable_sequential_cpu_offload), the least memory and the slowest;
+    group: one transformer block (and the text encoder's and VAE's blocks) at a time (enable_group_offload)."""
+    if how == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif how == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    elif how == "group":
+        pipe.enable_group_offload(onload_device=torch.device(device), offload_device=torch.device("cpu"),
+                                  offload_type="block_level", num_blocks_per_group=1)
+    else:
+        raise ValueError(f"unknown offload {how!r} (one of {', '.join(OFFLOADS)})")
+
+
+class OnDevice:
+    """A LoRA factor moved to the device its input is on, once per device: with offloading the layer's weights
+    are elsewhere when the hook is made."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.copies = {tensor.device: tensor}
+
+    def to(self, device: torch.device) -> torch.Tensor:
+        if device not in self.copies:
+            self.copies[device] = next(iter(self.copies.values())).to(device)
+        return self.copies[device]
 
 
 def linear_layers(transformer) -> dict[str, torch.nn.Linear]:
@@ -183,12 +237,13 @@ def runtime_lora(transformer, state, multiplier: float):
     """ai-toolkit's LoRAModule: the base layer's output plus the LoRA path computed in fp32 at run time."""
 
     def make_hook(layer, a, b):
-        down = a.to(layer.weight.device, torch.float32)
-        up = b.to(layer.weight.device, torch.float32)
+        down, up = OnDevice(a.to(torch.float32)), OnDevice(b.to(torch.float32))
 
         def hook(module, args, output):
             # network_mixins.forward: lora_up(lora_down(x.float())) * scale(=1) * multiplier, cast, then added
-            lx = torch.nn.functional.linear(torch.nn.functional.linear(args[0].to(torch.float32), down), up)
+            x = args[0]
+            lx = torch.nn.functional.linear(torch.nn.functional.linear(x.to(torch.float32), down.to(x.device)),
+                                            up.to(x.device))
             return output + (lx * torch.tensor([multiplier], dtype=torch.float32, device=lx.device)).to(output.dtype)
 
         return hook
@@ -203,12 +258,14 @@ def peft_like_lora(transformer, state, multiplier: float):
 
     def make_hook(layer, a, b):
         dtype = layer.weight.dtype
-        down, up = a.to(layer.weight.device, dtype), b.to(layer.weight.device, dtype)
-        rank = down.shape[0]
+        down, up = OnDevice(a.to(dtype)), OnDevice(b.to(dtype))
+        rank = a.shape[0]
         scaling = multiplier * rank / rank  # set_scale: scale * lora_alpha / r, and ai-toolkit's alpha is the rank
 
         def hook(module, args, output):
-            lx = torch.nn.functional.linear(torch.nn.functional.linear(args[0].to(down.dtype), down), up)
+            x = args[0]
+            lx = torch.nn.functional.linear(torch.nn.functional.linear(x.to(dtype), down.to(x.device)),
+                                            up.to(x.device))
             return (output + lx * scaling).to(output.dtype)
 
         return hook
@@ -217,28 +274,22 @@ def peft_like_lora(transformer, state, multiplier: float):
 
 
 @contextlib.contextmanager
-def fused_lora(transformer, state, multiplier: float):
-    """The reference server's fuse_lora (2511, 2512): each layer runs on W + delta in the base dtype, delta computed
-    as PEFT's merge computes it (B @ A * multiplier, alpha = rank; in fp32 and then rounded to the base dtype on a
-    CPU in bf16/fp16, in the base dtype elsewhere), the sum rounded once as its in-place add rounds it. The fused
-    weight is made per forward, one layer at a time, so the base is never changed (unfusing would not restore it
-    bit for bit) and no second copy of the model is held. On a quantized base (only as attribution's
-    counterfactual) the dequantized weight stands for W."""
+def weight_lora(transformer, state, weight_for, factor_dtype: torch.dtype | None = None):
+    """Each Linear the LoRA state names runs on the weight `weight_for(W, lora_A, lora_B)` makes at every forward
+    (factors on W's device, in `factor_dtype`, else W's dtype), one layer at a time: the base is never changed (so nothing has to be undone, and
+    an undo by subtraction would not be exact) and no second copy of the model is held, resident or offloaded."""
     from optimum.quanto import QTensor
 
     modules = linear_layers(transformer)
     layers = []
     for name, (a, b) in state.items():
         layer = modules[name]
-        weight = layer.weight
-        dtype, device = (weight.dtype, weight.device)
-        down, up = a.to(device, dtype), b.to(device, dtype)
-        on_cpu_half = device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+        dtype = factor_dtype or layer.weight.dtype
+        down, up = OnDevice(a.to(dtype)), OnDevice(b.to(dtype))
 
-        def forward(x, layer=layer, down=down, up=up, on_cpu_half=on_cpu_half):
+        def forward(x, layer=layer, down=down, up=up):
             w = layer.weight.dequantize() if isinstance(layer.weight, QTensor) else layer.weight
-            delta = (up.float() @ down.float() * multiplier).to(w.dtype) if on_cpu_half else up @ down * multiplier
-            return torch.nn.functional.linear(x, w + delta, layer.bias)
+            return torch.nn.functional.linear(x, weight_for(w, down.to(w.device), up.to(w.device)), layer.bias)
 
         layer.forward = forward  # shadows the class's forward on this instance only
         layers.append(layer)
@@ -249,50 +300,56 @@ def fused_lora(transformer, state, multiplier: float):
             del layer.forward
 
 
-@contextlib.contextmanager
+def fused_lora(transformer, state, multiplier: float):
+    """The reference server's fuse_lora (2511, 2512): W + delta in the base dtype, delta as PEFT's merge computes it
+    (B @ A * multiplier, alpha = rank; in fp32 and then rounded to the base dtype on a CPU in bf16/fp16, in the base
+    dtype elsewhere), the sum rounded once as its in-place add rounds it. On a quantized base (only as
+    attribution's counterfactual) the dequantized weight stands for W."""
+
+    def weight_for(w, down, up):
+        on_cpu_half = w.device.type == "cpu" and w.dtype in (torch.float16, torch.bfloat16)
+        delta = (up.float() @ down.float() * multiplier).to(w.dtype) if on_cpu_half else up @ down * multiplier
+        return w + delta
+
+    return weight_lora(transformer, state, weight_for)
+
+
 def merged_lora(transformer, state, multiplier: float):
-    """ai-toolkit's merge_in: W + multiplier * B @ A computed in fp32, stored back in the base dtype."""
-    modules = linear_layers(transformer)
-    saved = {}
-    with torch.no_grad():
-        for name, (a, b) in state.items():
-            layer = modules[name]
-            saved[name] = layer.weight.detach().clone()
-            w = layer.weight.to(torch.float32)
-            delta = b.to(w.device, torch.float32) @ a.to(w.device, torch.float32)
-            layer.weight.copy_((w + multiplier * delta).to(layer.weight.dtype))
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for name, w in saved.items():
-                modules[name].weight.copy_(w)
+    """ai-toolkit's merge_in: W + multiplier * B @ A computed in fp32 and rounded to the base dtype: the very weight
+    its in-place merge stores, made per forward (tested equal to merging in place)."""
+
+    def weight_for(w, down, up):
+        return (w.to(torch.float32) + multiplier * (up @ down)).to(w.dtype)
+
+    return weight_lora(transformer, state, weight_for, factor_dtype=torch.float32)
 
 
 _MODELS: dict[tuple, LoadedModel] = {}
 
 
 def load(model: str, device: str, dtype: str, cache_dir: Path | str | None = None,
-         precision: Precision | None = None, pipeline: str = "QwenImageEditPlusPipeline") -> LoadedModel:
+         precision: Precision | None = None, pipeline: str = "QwenImageEditPlusPipeline",
+         offload: str = "none") -> LoadedModel:
     """The loaded pipeline for (model, device, dtype, precision, class), loaded on first use and kept for the
     session. `cache_dir`: where control-image latents and quantized weights are kept on disk for later processes
     and runs."""
     from .cache import open_cache
 
-    key = (model, device, dtype_name(dtype), precision.key if precision else None, pipeline)
+    key = (model, device, dtype_name(dtype), precision.key if precision else None, pipeline, offload)
     cache = open_cache(cache_dir) if cache_dir is not None else None
     if key not in _MODELS:
-        _MODELS[key] = LoadedModel(model, device, dtype, precision, cache, pipeline)
+        _MODELS[key] = LoadedModel(model, device, dtype, precision, cache, pipeline, offload)
     if cache is not None:
         _MODELS[key].disk_cache = cache
     return _MODELS[key]
 
 
-def load_for(recipe, model: str, device: str, cache_dir: Path | str | None = None) -> LoadedModel:
+def load_for(recipe, model: str, device: str, cache_dir: Path | str | None = None,
+             offload: str = "none") -> LoadedModel:
     """The loaded pipeline a recipe renders on: its dtype and its precision (NotRenderable: a quantization
     that is not reproduced)."""
     from .models import by_name
     from .precision import parse
 
     return load(model, device, recipe.dtype, cache_dir, parse(recipe.precision, recipe.ara_file),
-                by_name(recipe.model).pipeline)
+                by_name(recipe.model).pipeline, offload)

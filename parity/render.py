@@ -45,11 +45,16 @@ def open_control(path: str) -> Image.Image:
                         "replace it with the PNG/JPEG the training used") from None
 
 
-def encode_prompt(loaded: LoadedModel, prompt: str, images: list[Image.Image], rule: str, dtype: torch.dtype):
+def encode_prompt(loaded: LoadedModel, prompt: str, images: list[Image.Image], rule: str, dtype: torch.dtype,
+                  context: tuple = ()):
     """Prompt embeddings as both sides compute them: 0-1 tensors resized by `rule`, then Diffusers' encoder.
 
     The Qwen2-VL processor rescales by 1/255 again, so the encoder sees a near-black image: shared behaviour
     that both sides have, reproduced here on purpose.
+
+    Computed once per (prompt, the exact image tensors, the text encoder's buffer dtypes (its rotary frequencies),
+    `context`: what else decides the bits, such as the attention kernels) on this model, and kept in memory and in
+    the disk cache: the previews of every step of a run, and both recipes of a preview, share them.
     """
     device = loaded.device
     tensors = []
@@ -60,10 +65,31 @@ def encode_prompt(loaded: LoadedModel, prompt: str, images: list[Image.Image], r
         except UnknownRule as exc:
             raise NotRenderable(str(exc)) from None
         tensors.append(F.interpolate(t, size=(h, w), mode="bilinear"))
-    embeds, mask = models.pipeline_rules(loaded.pipeline).encode_prompt(loaded.pipe, prompt, tensors, device)
-    if mask is None:  # both sides replace Diffusers' None (all valid) with an all-ones mask
-        mask = torch.ones(embeds.shape[:2], dtype=torch.int64, device=embeds.device)
+    rope = sorted({str(b.dtype) for b in loaded.pipe.text_encoder.buffers() if b.is_floating_point()})
+    name = "prompt-" + digest(prompt, [tensor_digest(t) for t in tensors], list(context), rope, loaded.pipeline,
+                              loaded.identity(), loaded.precision.key if loaded.precision else None)
+    if name in loaded.prompt_cache:
+        return loaded.prompt_cache[name]
+    stored = [loaded.disk_cache.get_tensor(f"{name}-{part}") for part in ("embeds", "mask")] \
+        if loaded.disk_cache is not None else [None, None]
+    if all(t is not None for t in stored):
+        embeds, mask = stored[0].to(device), stored[1].to(device)
+    else:
+        embeds, mask = models.pipeline_rules(loaded.pipeline).encode_prompt(loaded.pipe, prompt, tensors, device)
+        if mask is None:  # both sides replace Diffusers' None (all valid) with an all-ones mask
+            mask = torch.ones(embeds.shape[:2], dtype=torch.int64, device=embeds.device)
+        if loaded.disk_cache is not None:
+            loaded.disk_cache.put_tensor(f"{name}-embeds", embeds)
+            loaded.disk_cache.put_tensor(f"{name}-mask", mask)
+    loaded.prompt_cache[name] = embeds, mask
     return embeds, mask
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """The exact bits of a tensor (and its shape and dtype), for cache keys."""
+    data = tensor.detach().to("cpu").contiguous()
+    return hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest() + str(list(data.shape)) + \
+        str(data.dtype)
 
 
 @contextlib.contextmanager
@@ -118,9 +144,7 @@ def encode_vae(loaded: LoadedModel, pixels: torch.Tensor, generator, tiling: boo
     encode = loaded.pipe._encode_vae_image
     if loaded.disk_cache is None:
         return encode(image=pixels, generator=generator)
-    data = pixels.detach().to("cpu").contiguous()
-    content = hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()
-    name = "vae-" + digest(content, list(data.shape), str(data.dtype), tiling, kernels, loaded.identity())
+    name = "vae-" + digest(tensor_digest(pixels), tiling, kernels, loaded.identity())
     cached = loaded.disk_cache.get_tensor(name)
     if cached is not None:
         return cached.to(device=loaded.device, dtype=loaded.dtype)
@@ -178,9 +202,10 @@ def _render(loaded: LoadedModel, recipe: Recipe, capture: RenderCapture | None, 
 
     with loaded.lora(recipe.lora, recipe.multiplier, recipe.lora_application), vae_tiling(pipe.vae, recipe.vae_tiling):
         with text_encoder_buffers(pipe.text_encoder, recipe.text_encoder_rope):
-            embeds, mask = encode_prompt(loaded, recipe.prompt, prompt_images, recipe.control_prompt_resize, dtype)
+            embeds, mask = encode_prompt(loaded, recipe.prompt, prompt_images, recipe.control_prompt_resize, dtype,
+                                         (kernels,))
             neg_embeds, neg_mask = encode_prompt(loaded, recipe.negative_prompt, prompt_images,
-                                                 recipe.control_prompt_resize, dtype)
+                                                 recipe.control_prompt_resize, dtype, (kernels,))
         if capture is not None:
             capture.prompt_embeds, capture.negative_prompt_embeds = embeds, neg_embeds
         # The pipeline drops an all-valid mask (encode_prompt: mask.all() -> None); do the same.

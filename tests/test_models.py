@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEMO_MODEL, TINY_CASES
+from conftest import DEMO_MODEL, TINY_CASES, TINY_MODEL
 from parity import models, pipeline
 from parity.aitk_config import SampleItem
 from parity.errors import CaseError
@@ -185,3 +185,24 @@ def test_every_model_of_the_family_has_a_bundled_case_and_ai_toolkit_errors_are_
     assert crashed[1].notes == ["skipped"] and crashed[1].error.startswith(
         "sample item 1 has no preview, as expected: sample item 1 names ctrl_img_1 but no ctrl_img")
     assert "AttributeError" in crashed[1].error and crashed[1].prompt == "make the background white"
+
+
+def test_merged_lora_is_the_weight_ai_toolkit_merges_in_place_and_no_copy_is_kept():
+    """ai-toolkit's merge_in (W + m * B @ A in fp32, stored back in bf16) made per forward: the same output bit for
+    bit as merging in place, and the base weights untouched (nothing to undo, nothing saved)."""
+    from parity.pipeline import linear_layers, merged_lora, read_lora
+
+    from test_recipe import recipes
+
+    t = next(t for _, t, _ in recipes("tiny_qwen_image_edit_plus_lora_strong_v1") if t.lora)
+    loaded = pipeline.load(str(TINY_MODEL), "cpu", "bfloat16")
+    state = read_lora(t.lora, loaded.transformer)
+    name, (a, b) = next(iter(state.items()))
+    layer = linear_layers(loaded.transformer)[name]
+    before = layer.weight.detach().clone()
+    x = torch.randn(3, layer.in_features, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), merged_lora(loaded.transformer, state, 0.7):
+        ours = layer(x)
+    in_place = (before.float() + 0.7 * (b.float() @ a.float())).to(torch.bfloat16)
+    assert torch.equal(ours, torch.nn.functional.linear(x, in_place, layer.bias))
+    assert torch.equal(layer.weight, before) and "forward" not in layer.__dict__

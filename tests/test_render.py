@@ -318,3 +318,48 @@ def test_edit_render_equals_stock_qwen_image_edit_pipeline_as_each_side_calls_it
         stock = _stock_call(pipe, control.resize((r.width, r.height), resample), pe, pm, ne, nm, r)
     assert ours.size == stock.size == (288, 192)
     assert np.array_equal(np.asarray(ours), np.asarray(stock))
+
+
+def test_prompt_embeddings_are_computed_once_and_kept_on_disk(tmp_path, monkeypatch):
+    """The two steps' previews of the 2512 case share their prompt: encoded once (prompt and negative prompt), and a
+    fresh process with the same disk cache encodes nothing; the renders are the same bits either way."""
+    from parity.cache import open_cache
+    from parity.models import qwen_image
+
+    calls = []
+    real = qwen_image.encode_prompt
+    monkeypatch.setattr(qwen_image, "encode_prompt", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    [(_, step0, _), (_, step2, _)] = recipes("demo_qwen_image_2512_lora")
+    model = str(DEMO_MODEL.parent / "demo-qwen-image-2512")
+    first = pipeline.LoadedModel(model, "cpu", "float32", pipeline="QwenImagePipeline")
+    first.disk_cache = open_cache(tmp_path)
+    images = [render.render(first, step0), render.render(first, step2)]
+    assert calls == [step0.prompt, step0.negative_prompt]
+    again = pipeline.LoadedModel(model, "cpu", "float32", pipeline="QwenImagePipeline")
+    again.disk_cache = open_cache(tmp_path)
+    assert np.array_equal(np.asarray(render.render(again, step2)), np.asarray(images[1]))
+    assert len(calls) == 2  # from the disk cache
+    plain = pipeline.LoadedModel(model, "cpu", "float32", pipeline="QwenImagePipeline")
+    assert np.array_equal(np.asarray(render.render(plain, step0)), np.asarray(images[0]))  # no cache: same bits
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="offloading moves weights between CPU memory and a GPU, "
+                                                          "and this machine has no GPU")
+@pytest.mark.parametrize("offload", ["model", "sequential", "group"])
+def test_an_offloaded_render_equals_the_resident_one(offload):
+    """`--parity-offload`: the same bits as the pipeline held on the GPU, for each LoRA path (the server's PEFT
+    adapter and fused LoRA, ai-toolkit's fp32 run-time LoRA); sequential offload refuses the fused one by name."""
+    from parity.errors import NotRenderable
+
+    _, v1_training, v1_reference = recipes("demo_qwen_image_edit_plus_lora_v1")[3]
+    _, _, fused = recipes("demo_qwen_edit_plus_2511_lora")[1]
+    checkpoints = {v1_training: DEMO_MODEL, v1_reference: DEMO_MODEL,
+                   fused: DEMO_MODEL.parent / "demo-qwen-image-edit-2511"}
+    for recipe, model in checkpoints.items():
+        resident = render.render(pipeline.load_for(recipe, str(model), "cuda"), recipe)
+        loaded = pipeline.load_for(recipe, str(model), "cuda", offload=offload)
+        if offload == "sequential" and recipe is fused:
+            with pytest.raises(NotRenderable, match="sequential offload"):
+                render.render(loaded, recipe)
+            continue
+        assert np.array_equal(np.asarray(render.render(loaded, recipe)), np.asarray(resident)), recipe.lora_application
