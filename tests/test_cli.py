@@ -81,10 +81,17 @@ def interrupt_after_first(cmd: list[str], sig: int, marker: str, stream: str) ->
                                        "".join(seen) + err if stream == "stderr" else err)
 
 
+# `parity run` with a second's pause after each preview, so that a signal sent after the first always lands
+# before the last (the tiny renders take a tenth of a second each).
+SLOW_RUN = ("import sys, time; from parity import cli, runner; check = runner.Checker.check; "
+            "runner.Checker.check = lambda self, task: (check(self, task), time.sleep(1))[0]; "
+            "sys.exit(cli.main(sys.argv[1:]))")
+
+
 def test_interrupted_run_reports_what_it_did_and_resumes(fast_root, tmp_path):
     cache = tmp_path / "cache"
-    first = interrupt_after_first(parity(*run_args(fast_root, tmp_path, cache), "--no-progress"), signal.SIGINT,
-                                  "[1/6]", "stderr")
+    slow = [sys.executable, "-c", SLOW_RUN, *run_args(fast_root, tmp_path, cache), "--no-progress"]
+    first = interrupt_after_first(slow, signal.SIGINT, "[1/6]", "stderr")
     assert first.returncode == 130, first.stderr
     assert "interrupted: the report of what was done is in" in first.stderr
     done = pd.read_csv(tmp_path / "reports" / "parity.csv")
