@@ -82,8 +82,10 @@ def interrupt_after_first(cmd: list[str], sig: int, marker: str, stream: str) ->
 
 
 # `parity run` with a second's pause after each preview, so that a signal sent after the first always lands
-# before the last (the tiny renders take a tenth of a second each).
-SLOW_RUN = ("import sys, time; from parity import cli, runner; check = runner.Checker.check; "
+# before the last (the tiny renders take a tenth of a second each); Ctrl-C's default handler in place even where
+# this test's own process was started with SIGINT ignored (a background job of a non-interactive shell).
+SLOW_RUN = ("import signal, sys, time; from parity import cli, runner; check = runner.Checker.check; "
+            "signal.signal(signal.SIGINT, signal.default_int_handler); "
             "runner.Checker.check = lambda self, task: (check(self, task), time.sleep(1))[0]; "
             "sys.exit(cli.main(sys.argv[1:]))")
 
