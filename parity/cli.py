@@ -1,6 +1,7 @@
 """`parity run PATH...`: what `pytest parity/` does, without pytest (the same options: `parity.options`).
 
-Also `parity explain` (attribution for every preview, with the measured noise floor) and `parity merge-reports`.
+Also `parity explain` (attribution for every preview, with the measured noise floor), `parity requests` (the
+reference server's request for each preview, as JSON lines) and `parity merge-reports`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ def parser() -> argparse.ArgumentParser:
     p_explain.add_argument("--no-measured-floor", action="store_true",
                            help="do not measure the noise floor (math vs fused attention kernel)")
     table.add_to_argparse(p_explain, skip=("explain", "noise_floor"))
+    p_req = sub.add_parser("requests", help="the reference server's request for each preview (JSON lines)",
+                           description="For each preview, the ai-toolkit-inference request that reproduces it as "
+                                       "closely as the server allows, and the differences that will remain.")
+    p_req.add_argument("paths", nargs="+", metavar="PATH", help="case folders or folders holding them")
+    p_req.add_argument("--images", choices=("base64", "path"), default="base64",
+                       help="control images inline as base64 (default), or as local paths for a shared disk")
+    p_req.add_argument("--out", type=Path, default=None, help="write the JSON lines here (default: standard output)")
+    for name in ("model", "dtype", "device"):
+        setting = table.BY_NAME[name]
+        p_req.add_argument(setting.cli_flag, dest=name, default=None, help=setting.help)
     p_merge = sub.add_parser("merge-reports", help="one CSV, JSON and HTML report from shard report folders")
     p_merge.add_argument("dirs", nargs="+", type=Path, help="report folders written by sharded runs")
     p_merge.add_argument("--out", type=Path, default=Path("reports"))
@@ -49,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         paths = merge_reports(args.dirs, args.out)
         print(f"merged {len(args.dirs)} report folders -> {paths['html']}")
         return 0
+    if args.command == "requests":
+        try:
+            return requests(args, table.from_argparse(args))
+        except OptionError as exc:
+            top.error(str(exc))
     try:
         if args.command == "explain":
             options = table.from_argparse(args, explain="all", noise_floor=not args.no_measured_floor)
@@ -109,6 +125,23 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def requests(args, options) -> int:
+    """`parity requests`: JSON lines to --out or standard output; previews without recipes on standard error."""
+    from .requests import write
+
+    tasks = plan(options)
+    out = open(args.out, "w") if args.out else sys.stdout
+    try:
+        written, problems = write(tasks, out, args.images)
+    finally:
+        if args.out:
+            out.close()
+    for problem in problems:
+        print(f"no request: {problem}", file=sys.stderr)
+    print(f"{written} requests" + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
+    return 0 if written and not [t for t in tasks if t.error and "skipped" not in t.notes] else 1
 
 
 def shown(distance: float | None) -> str:
