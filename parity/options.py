@@ -47,6 +47,9 @@ class Options:
     report_images: str = "compact"  # how the report stores images: compact (WebP) | lossless (PNG); images.py
     training: str = "always"  # when the training recipe is rendered: always | failed (the reference comparison)
     offload: str = "none"  # how the pipeline's weights use the accelerator: none | model | sequential | group
+    server: str | None = None  # a running ai-toolkit-inference server's URL: its images are the reference side
+    server_timeout: float = 600.0  # seconds to wait for the server's image of one preview
+    server_local: bool = False  # also render the server's request here and compare it with the server's image
 
 
 class OptionError(ValueError):
@@ -122,6 +125,12 @@ SETTINGS: tuple[Setting, ...] = (
             "model (enable_model_cpu_offload), sequential (enable_sequential_cpu_offload), group "
             "(enable_group_offload, one transformer block at a time)", "none", "choice",
             ("none", "model", "sequential", "group")),
+    Setting("server", "a running reference server (runcomfy-com/ai-toolkit-inference) URL: each preview's request "
+            "(`parity requests`) is sent there and its image is the reference render; nothing is sent anywhere "
+            "else", "", shown_default="(none: render locally)"),
+    Setting("server_timeout", "seconds to wait for the server's image of one preview", "600", "float"),
+    Setting("server_local", "with --parity-server: also render the request here and compare it with the server's "
+            "image (how closely the harness models the server)", "false", "flag"),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -202,6 +211,10 @@ def build(raw: dict[str, object], root: Path, flag=lambda s: s.flag, **fixed) ->
         raise OptionError(f"{flag(BY_NAME['offload'])}: {values['offload']!r} moves weights between CPU memory and a "
                           f"GPU, and this run renders on {values['device']!r} (use --device cuda, or offload none)")
     values["floor"] = values["floor"] or 0.0
+    values["server_timeout"] = values["server_timeout"] or 600.0
+    if values["server"] and not str(values["server"]).startswith(("http://", "https://")):
+        raise OptionError(f"{flag(BY_NAME['server'])}: {values['server']!r} is not an http(s) URL "
+                          f"(e.g. http://127.0.0.1:8000)")
     values["cases"] = values["cases"] or (root / "cases",)
     values.update(fixed)
     return Options(thresholds=thresholds, **values)

@@ -36,6 +36,7 @@ COLUMNS = [
     *[f"training.{f}" for f in FIELD_NAMES], *[f"reference.{f}" for f in FIELD_NAMES], "findings_detail",
     "top_cause", "top_cause_share", "causes", "golden_verdict", "golden_max_abs", "golden_fingerprint",
     "lpips_alex", "stlpips_alex", "check_seconds", "renders",
+    "server_request_id", "server_seconds", "server_image", "server_vs_local_mean_abs", "server_vs_local_max_abs",
 ]
 # Then any `hint_*` columns (sorted), then whatever else the records carry, in order of first appearance.
 
@@ -44,7 +45,7 @@ COLUMNS = [
 KINDS = ("preview", "reference", "training", "diff", "ssim_map")
 KIND_LABELS = {"preview": "preview (training)", "reference": "reference render", "training": "training render",
                "diff": "difference", "ssim_map": "SSIM map", "lpips_alex_map": "LPIPS (alex) map",
-               "stlpips_alex_map": "ST-LPIPS (alex) map"}
+               "stlpips_alex_map": "ST-LPIPS (alex) map", "local": "local render of the server's request"}
 # Metrics charted across training steps, if any record has them: (key, label, higher is closer).
 CHART_METRICS = (("ssim", "SSIM", True), ("lpips_alex", "LPIPS (alex)", False),
                  ("stlpips_alex", "ST-LPIPS (alex)", False), ("mean_abs", "mean abs", False))
@@ -190,8 +191,10 @@ def _row(record: dict, folder: Path, page_dir: Path, listings: dict[Path, dict] 
     # The strip: the fixed kinds (a gap where one is missing), then the perceptual distances' heat maps.
     strip = [(k, found.get(k)) for k in KINDS] + sorted((k, v) for k, v in found.items()
                                                           if k.endswith("_map") and k not in KINDS)
+    if "local" in found:  # server mode: the harness' own render of the request, beside the server's
+        strip.insert(2, ("local", found["local"]))
     # What the slider and flicker view can show: the images, then the counterfactual renders (no heat maps).
-    comparable = [(k, found[k]) for k in ("preview", "reference", "training") if k in found]
+    comparable = [(k, found[k]) for k in ("preview", "reference", "local", "training") if k in found]
     comparable += [(k, v) for k, v in found.items() if "cause" in v]
     names = [k for k, _ in comparable]
     a = "preview" if "preview" in names else (names[0] if names else None)

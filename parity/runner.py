@@ -20,6 +20,7 @@ from . import compare as cmp
 from . import metrics
 from .cache import open_cache
 from .errors import CaseError, NotRenderable
+from .server import ServerError
 from .findings import find
 from .goldens import Goldens, fingerprint, golden_name
 from .images import check_mode, save_preview
@@ -101,6 +102,11 @@ class Checker:
         self.cached = 0  # renders served from the on-disk cache
         self.render_seconds = 0.0
         self._recent: dict[str, Image.Image] = {}  # the last few renders: one preview's are reused
+        self.server = None  # server mode (--parity-server): the reference images come from a running server
+        if options.server:
+            from .server import ServerSide
+
+            self.server = ServerSide(options.server, options.server_timeout)
 
     def render(self, recipe: Recipe, model: str) -> tuple[Image.Image, float]:
         key = f"{recipe.key()}|{model}"
@@ -137,6 +143,8 @@ class Checker:
     def check(self, task: Task) -> dict:
         """The record of one preview. Never raises for a preview's sake: a bad input is an `error` row naming the
         file and the fix, and anything unforeseen an `error` row with the exception (Ctrl-C still stops)."""
+        if self.server is not None:
+            task = self.server.task(task)
         row = base_row(task, self.env)
         if task.error:
             row.update(verdict="skipped" if "skipped" in task.notes else "error", reason=task.error)
@@ -145,6 +153,8 @@ class Checker:
         try:
             self._check(task, row)
         except CaseError as err:
+            row.update(verdict="error", reason=str(err))
+        except ServerError as err:
             row.update(verdict="error", reason=str(err))
         except Exception as exc:  # noqa: BLE001 -- one preview's failure is never the run's
             where = traceback.extract_tb(exc.__traceback__)[-1]
@@ -156,8 +166,14 @@ class Checker:
 
     def _check(self, task: Task, row: dict) -> None:
         preview = open_preview(task.preview)
-        reference, seconds = self.render(task.reference, task.model)
-        row["render_seconds"] = round(seconds, 3)
+        if self.server is None:
+            reference, seconds = self.render(task.reference, task.model)
+            row["render_seconds"] = round(seconds, 3)
+        else:
+            reference, fields = self.server.image(task)
+            row.update(fields)
+            if self.options.server_local:
+                self.server_vs_local(task, reference, row)
         self.save_image(task, "preview", preview)
         self.save_image(task, "reference", reference)
         jpeg = preview_jpeg(task.preview)  # quality and subsampling read from the preview file
@@ -173,6 +189,15 @@ class Checker:
             row.update(self.goldens.check(reference, task.reference, fingerprint(self.env, task.reference.dtype),
                                           golden_name(task.case, task.preview)))
         self.conclude(task, preview, row, failed, reproduced, parity.same_size)
+
+    def server_vs_local(self, task: Task, served: Image.Image, row: dict) -> None:
+        """The server's image against the harness' render of the same request, saved as the server saves (JPEG
+        q95): how closely the harness models the server."""
+        local, seconds = self.render(task.reference, task.model)
+        row["render_seconds"] = round(seconds, 3)
+        self.save_image(task, "local", local)
+        same = cmp.compare(served, cmp.encode_like(local, "jpeg-q95"), ssim=False)
+        row["server_vs_local_mean_abs"], row["server_vs_local_max_abs"] = same.mean_abs, same.max_abs
 
     def judge_reference(self, task: Task, preview: Image.Image, reference: Image.Image, result) -> list:
         """The thresholds the reference render misses (with its maps saved), or the size gap."""

@@ -19,7 +19,8 @@ VALUES = {"cases": ["a", "b"], "report_dir": "rep", "report_images": "lossless",
           "max_abs_max": "30", "psnr_min": "35", "explain": "all", "metric": "ssim", "reverse": True,
           "noise_floor": True, "floor": "0.25", "metrics": "stlpips_alex", "lpips_weights": "/w/alexnet.pth",
           "goldens": "gold", "update_goldens": True, "accept": "cfg_norm control_prompt_resize",
-          "deterministic": True, "shard": "2/3", "training": "failed", "offload": "model"}
+          "deterministic": True, "shard": "2/3", "training": "failed", "offload": "model",
+          "server": "http://127.0.0.1:8765", "server_timeout": "90", "server_local": True}
 
 
 def test_every_setting_has_a_test_value():
