@@ -20,7 +20,6 @@ from . import compare as cmp
 from . import metrics
 from .cache import open_cache
 from .errors import CaseError, NotRenderable
-from .server import ServerError
 from .findings import find
 from .goldens import Goldens, fingerprint, golden_name
 from .images import check_mode, save_preview
@@ -29,6 +28,7 @@ from .interrupt import INTERRUPT
 from .options import Options
 from .plan import Task, plan  # noqa: F401 (re-exported: the library's entry points)
 from .recipe import FIELD_NAMES, Recipe, differing_fields, switch
+from .server import ServerError
 
 # Cached renders are only valid for the code that made them.
 RENDER_CODE = hashlib.sha256(b"".join((Path(__file__).parent / f).read_bytes()
@@ -152,9 +152,7 @@ class Checker:
         start, renders = time.perf_counter(), self.renders
         try:
             self._check(task, row)
-        except CaseError as err:
-            row.update(verdict="error", reason=str(err))
-        except ServerError as err:
+        except (CaseError, ServerError) as err:
             row.update(verdict="error", reason=str(err))
         except Exception as exc:  # noqa: BLE001 -- one preview's failure is never the run's
             where = traceback.extract_tb(exc.__traceback__)[-1]

@@ -121,6 +121,7 @@ class ServerSide:
 
     def __init__(self, url: str, timeout: float):
         self.client = Client(url, timeout)
+        self.lines: dict[str, dict] = {}  # task id -> its `parity requests` line, made once in `task`
 
     def task(self, task):
         """The task with the server's recipe as its reference (unchanged when it has no recipes)."""
@@ -131,13 +132,12 @@ class ServerSide:
         if task.training is None or task.reference is None:
             return task
         line, recipe = prepare(task)
+        self.lines[task.id] = line
         return dataclasses.replace(task, reference=recipe, notes=[*task.notes, *line["notes"]])
 
     def image(self, task) -> tuple[Image.Image, dict]:
         """The server's image of the preview's request, and the row fields that say which request it was."""
-        from .requests import prepare
-
-        line, _ = prepare(task)
+        line = self.lines.pop(task.id)
         if not line["request"]["loras"]:
             raise ServerError(f"{self.client.url}: no request sent for {task.id}: {line['notes'][0]}")
         got = self.client.render(line["request"])
