@@ -30,8 +30,13 @@ Stages, each kept under `--work` so an interrupted run resumes at the stage it w
 3b. `long`: the averaged transformer (of 3a) trained further on render-size sequences (48x48 and 64x64 tokens, the
    512 px pairs resized in latent space), alternating with small 256 px batches, shape tokens weighted as
    in 3a.
-4. `assemble`: the diffusers folder: the trained VAE and transformer, the text encoder of stage 1c, the
-   tokenizer and processor of the tiny checkpoint and its scheduler config (the real one), and
+3c. opt-in (not in the default `--stages`, not in the bundled checkpoint): `separate`, `redata` (2 again, with
+   that VAE, into `<work>/separated`) and `retune`: the VAE's palette colours pushed apart in latent space
+   (`separate_colours`) and the transformer of 3b retuned to it (`train_retune`); see those functions for why
+   and what they gave.
+4. `assemble`: the diffusers folder: the trained VAE and transformer (of 3c when it ran, else 1b and 3b), the
+   text encoder of stage 1c, the tokenizer and processor of the tiny checkpoint and its scheduler config (the
+   real one), and
    `training.json` (arguments, configs, times, machine, held-out figures).
 
 Deterministic from `--seed` on a given CPU kind, torch version and thread count (two threads by default, as
@@ -250,6 +255,79 @@ def train_colours(args, work: Path) -> dict:
     return figures
 
 
+PALETTE_NAMES = sorted(task.PALETTE)
+
+
+def palette_tokens(vae, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Each palette colour's packed token as the transformer sees it: a flat 32 px patch encoded (the posterior's
+    mode), normalised by `mean`/`std`, the middle 2x2 latents; one row per `PALETTE_NAMES` entry."""
+    flat = torch.stack([to_pixels(Image.new("RGB", (32, 32), task.PALETTE[n])) for n in PALETTE_NAMES]).unsqueeze(2)
+    z = (vae.encode(flat).latent_dist.mode() - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
+    return z[:, :, 0, 1:3, 1:3].flatten(1)
+
+
+def palette_gaps(vae) -> dict:
+    """How far apart the palette colours' packed tokens are in the VAE's normalised latent space (the space the
+    transformer predicts in, where its noise has unit variance): the closest pairs, and the smallest gap over the
+    tokens' mean norm."""
+    with torch.no_grad():
+        tokens = palette_tokens(vae, torch.tensor(vae.config.latents_mean), torch.tensor(vae.config.latents_std))
+    gaps = torch.cdist(tokens, tokens)
+    pairs = sorted((float(gaps[a, b]), f"{PALETTE_NAMES[a]}/{PALETTE_NAMES[b]}")
+                   for a in range(len(PALETTE_NAMES)) for b in range(a + 1, len(PALETTE_NAMES)))
+    return {"closest_pairs": {name: round(gap, 2) for gap, name in pairs[:4]},
+            "smallest_gap_over_mean_norm": round(pairs[0][0] / float(tokens.norm(dim=1).mean()), 3)}
+
+
+def separate_colours(args, work: Path) -> dict:
+    """Stage 3c, first part: the VAE of 1b trained further with a term that pushes the palette colours' normalised
+    latents apart: a squared hinge on every pair's gap below `--separate-margin` times the tokens' mean norm
+    (scale-free, so growing every latent does not meet it).
+
+    After stage 1b red/orange, yellow/orange, blue/purple and grey/purple were 3.0-3.6 apart in the normalised
+    packed tokens, while the trained transformer's x0 estimate at the first sampling steps (sigma 0.9-0.98) was
+    off by 1.8-4.4 there (measured on held-out edits): renders turned red shapes orange, kept yellow under
+    orange and faded purple shapes into grey backgrounds. The latents' mean and std are those of stage 1b
+    during the stage and recomputed at its end.
+    """
+    from diffusers import AutoencoderKLQwenImage
+
+    done = work / "vae-separated"
+    if (done / "config.json").exists():
+        log("separate: already trained in", done)
+        return json.loads((work / "vae-separated.json").read_text())
+    torch.manual_seed(args.seed + 4)
+    vae = AutoencoderKLQwenImage.from_pretrained(work / "vae-colour")
+    before = palette_gaps(vae)
+    mean, std = torch.tensor(vae.config.latents_mean), torch.tensor(vae.config.latents_std)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.separate_lr, weight_decay=0.0)
+    rng = seeded(args.seed, "separate")
+    pairs = torch.triu_indices(len(PALETTE_NAMES), len(PALETTE_NAMES), 1)
+    start = time.time()
+    for step in range(args.separate_steps):
+        x = colour_batch(rng, 16, 64)
+        z = vae.encode(x).latent_dist.mode()
+        y = decode_unclamped(vae, z + args.vae_noise * torch.randn_like(z))
+        tokens = palette_tokens(vae, mean, std)
+        gaps = torch.cdist(tokens, tokens)[pairs[0], pairs[1]] / tokens.norm(dim=1).mean()
+        hinge = torch.relu(args.separate_margin - gaps).pow(2).mean()
+        loss = (y - x).abs().mean() + (y - x).pow(2).mean() + args.vae_penalty * z.pow(2).mean() + 100 * hinge
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == args.separate_steps - 1:
+            log(f"separate step {step}/{args.separate_steps} loss {loss.item():.4f} smallest gap "
+                f"{gaps.min().item():.3f} ({time.time() - start:.0f} s)")
+    seconds = round(time.time() - start, 1)
+    figures = {"separate_steps": args.separate_steps, "separate_seconds": seconds, **finish_vae(vae, args),
+               "palette_before": before, "palette_after": palette_gaps(vae)}
+    log("separate:", figures)
+    vae.save_pretrained(done)
+    (work / "vae-separated.json").write_text(json.dumps(figures, indent=1))
+    return figures
+
+
 def latent_stats(vae, seed: int, count: int) -> tuple[list[float], list[float]]:
     rng = seeded(seed, "latent-stats")
     zs = []
@@ -308,15 +386,16 @@ def make_text_encoder(args, work: Path) -> dict:
 
 # ---------------------------------------------------------------- stage 2: data
 
-def make_pipeline(work: Path, transformer=None):
-    """The pipeline's own classes around the trained VAE and the demo text encoder (`make_text_encoder`)."""
+def make_pipeline(work: Path, transformer=None, vae: str = "vae-colour"):
+    """The pipeline's own classes around the trained VAE (stage folder `vae`) and the demo text encoder
+    (`make_text_encoder`)."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
     from diffusers import QwenImageTransformer2DModel
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor
 
     return QwenImageEditPlusPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(TINY / "scheduler"),
-        vae=AutoencoderKLQwenImage.from_pretrained(work / "vae-colour"),
+        vae=AutoencoderKLQwenImage.from_pretrained(work / vae),
         text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(work / "text_encoder",
                                                                          dtype=torch.float32),
         tokenizer=AutoTokenizer.from_pretrained(TINY / "tokenizer"),
@@ -361,13 +440,17 @@ def padded(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return embeds.contiguous(), mask.contiguous()
 
 
-def make_data(args, work: Path) -> None:
+def make_data(args, work: Path, vae: str = "vae-colour", folder: Path | None = None) -> None:
+    """Edit pairs encoded with the VAE of stage folder `vae`, written to `folder` (default `work`). The pairs
+    (scenes, edits, prompts, sizes) come from the seed alone, so two VAEs get the same pairs."""
     from safetensors.torch import save_file
 
-    if (work / "data.json").exists():
-        log("data: already made in", work)
+    folder = folder or work
+    if (folder / "data.json").exists():
+        log("data: already made in", folder)
         return
-    pipe = make_pipeline(work)
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe = make_pipeline(work, vae=vae)
     rng = seeded(args.seed, "data")
     sizes, shares = zip(*TRAIN_SIZES)
     buckets: dict[int, dict[str, list]] = {s: {"control": [], "target": [], "prompt": [], "words": [], "null": []}
@@ -407,9 +490,9 @@ def make_data(args, work: Path) -> None:
                    "target": torch.stack(bucket["target"]).contiguous(),
                    "embeds": embeds, "mask": mask, "null_embeds": null_embeds, "null_mask": null_mask,
                    "words": torch.tensor(bucket["words"], dtype=torch.int64)},
-                  str(work / f"data_{size}.safetensors"))
-    (work / "data.json").write_text(json.dumps({
-        "scenes": args.scenes, "pairs": len(prompts), "seconds": round(time.time() - start, 1),
+                  str(folder / f"data_{size}.safetensors"))
+    (folder / "data.json").write_text(json.dumps({
+        "scenes": args.scenes, "data_vae": vae, "pairs": len(prompts), "seconds": round(time.time() - start, 1),
         "pairs_per_size": {str(s): len(b["prompt"]) for s, b in buckets.items()},
         "prompts": sorted(set(prompts))[:20]}, indent=1))
     log("data: done", len(prompts), "pairs")
@@ -628,11 +711,11 @@ def reader_head_init(model, bucket, gen, mu: float, head: int = 1, bias: float =
     return separation
 
 
-def load_data(work: Path) -> dict[int, dict[str, torch.Tensor]]:
+def load_data(folder: Path) -> dict[int, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
-    return {size: load_file(str(work / f"data_{size}.safetensors")) for size, _ in TRAIN_SIZES
-            if (work / f"data_{size}.safetensors").exists()}
+    return {size: load_file(str(folder / f"data_{size}.safetensors")) for size, _ in TRAIN_SIZES
+            if (folder / f"data_{size}.safetensors").exists()}
 
 
 def render_mu() -> float:
@@ -748,6 +831,37 @@ def regrid(tokens: torch.Tensor, grid: int, new: int) -> torch.Tensor:
     return latents.view(n, 16, new, 2, new, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, new * new, 64)
 
 
+def render_size_training(model, ema, data, args, label: str, steps: int, seed: int, salt: str) -> list[float]:
+    """Steps alternating one render-size pair (a 512 px pair resized in latent space to 48x48 or 64x64 tokens)
+    and a small 256 px batch, at `--long-lr` after a short warm-up, `ema` following with `--long-ema`, shape
+    tokens weighted as in 3a. Returns the losses."""
+    data_small, data_large = min(data), max(data)
+    mu = render_mu()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.long_lr, weight_decay=0.01, betas=(0.9, 0.99))
+    gen = torch.Generator().manual_seed(seed)
+    rng = seeded(args.seed, salt)
+    start, losses = time.time(), []
+    for step in range(steps):
+        lr = args.long_lr * min(1.0, (step + 1) / 20)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        if step % 2:
+            size, grid, batch = data_small, data_small // 16, args.batch
+        else:
+            size, grid, batch = data_large, rng.choice((48, 64, 64)), 1
+        bucket = data[size]
+        idx = torch.tensor([rng.randrange(bucket["target"].shape[0]) for _ in range(batch)])
+        x0, control, dropped = training_pairs(bucket, idx, rng, args)
+        if grid != size // 16:
+            x0, control = regrid(x0, size // 16, grid), regrid(control, size // 16, grid)
+        loss = flow_step(model, opt, x0, control, bucket, idx, grid, gen, mu, dropped, args.shape_weight)
+        follow(ema, model, args.long_ema)
+        losses.append(loss.item())
+        if step % 20 == 0 or step == steps - 1:
+            log(f"{label} step {step}/{steps} grid {grid} loss {loss.item():.4f} ({time.time() - start:.0f} s)")
+    return losses
+
+
 def train_long(args, work: Path) -> dict:
     """Stage 3b: the trained transformer (its average) trained further on render-size sequences.
 
@@ -764,39 +878,54 @@ def train_long(args, work: Path) -> dict:
         log("long: already trained in", done)
         return json.loads((work / "transformer-long.json").read_text())
     data = load_data(work)
-    small, large = min(data), max(data)
-    mu = render_mu()
     torch.manual_seed(args.seed + 3)
     source = work / ("transformer-more" if (work / "transformer-more" / "config.json").exists() else "transformer")
     model = QwenImageTransformer2DModel.from_pretrained(source)
     ema = QwenImageTransformer2DModel.from_pretrained(source)
     ema.requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.long_lr, weight_decay=0.01, betas=(0.9, 0.99))
-    gen = torch.Generator().manual_seed(args.seed + 3)
-    rng = seeded(args.seed, "long")
-    start, losses = time.time(), []
-    for step in range(args.long_steps):
-        lr = args.long_lr * min(1.0, (step + 1) / 20)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        if step % 2:
-            size, grid, batch = small, small // 16, args.batch
-        else:
-            size, grid, batch = large, rng.choice((48, 64, 64)), 1
-        bucket = data[size]
-        idx = torch.tensor([rng.randrange(bucket["target"].shape[0]) for _ in range(batch)])
-        x0, control, dropped = training_pairs(bucket, idx, rng, args)
-        if grid != size // 16:
-            x0, control = regrid(x0, size // 16, grid), regrid(control, size // 16, grid)
-        loss = flow_step(model, opt, x0, control, bucket, idx, grid, gen, mu, dropped, args.shape_weight)
-        follow(ema, model, args.long_ema)
-        losses.append(loss.item())
-        if step % 20 == 0 or step == args.long_steps - 1:
-            log(f"long step {step}/{args.long_steps} grid {grid} loss {loss.item():.4f} ({time.time() - start:.0f} s)")
+    start = time.time()
+    render_size_training(model, ema, data, args, "long", args.long_steps, args.seed + 3, "long")
     figures = {"long_steps": args.long_steps, "long_seconds": round(time.time() - start, 1)}
     ema.save_pretrained(done)
     (work / "transformer-long.json").write_text(json.dumps(figures, indent=1))
     log("long:", figures)
+    return figures
+
+
+def train_retune(args, work: Path) -> dict:
+    """Stage 3c, last part: the render-size transformer (3b) retuned to the separated VAE: `--retune-steps` of 3a's
+    training on the pairs re-encoded with it (the same pairs, in `<work>/separated`), then `--retune-long-steps`
+    of 3b's. Retuning keeps what the transformer learnt (copying the control image, reading the prompt, the
+    background edits) and costs a third of training it again on the new latents.
+
+    Half the edit pairs are left undone here (`--retune-unfollowed`, against `--unfollowed` before): retuned
+    with a quarter, the model carried out nearly every edit at guidance 1 as well as at 4, so guidance changed
+    a render by 1-2.5 levels (the bench's guidance effect; a real edit model's prompt alone under-commits)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    done = work / "transformer-retuned"
+    if (done / "config.json").exists():
+        log("retune: already trained in", done)
+        return json.loads((work / "transformer-retuned.json").read_text())
+    data = load_data(work / "separated")
+    args = argparse.Namespace(**{**vars(args), "unfollowed": args.retune_unfollowed})
+    torch.manual_seed(args.seed + 9)
+    model = QwenImageTransformer2DModel.from_pretrained(work / "transformer-long")
+    ema = QwenImageTransformer2DModel.from_pretrained(work / "transformer-long")
+    ema.requires_grad_(False)
+    start = time.time()
+    losses = flow_training(model, ema, data, args, "retune", args.retune_steps, args.retune_lr, 50, args.ema,
+                           args.seed + 9, "retune", weight=args.shape_weight)
+    middle = time.time()
+    model.load_state_dict(ema.state_dict())
+    render_size_training(model, ema, data, args, "retune-long", args.retune_long_steps, args.seed + 10,
+                         "retune-long")
+    figures = {"retune_steps": args.retune_steps, "retune_long_steps": args.retune_long_steps,
+               "retune_seconds": round(time.time() - start, 1), "retune_long_seconds": round(time.time() - middle, 1),
+               "retune_final_loss": round(float(np.mean(losses[-200:])), 4)}
+    ema.save_pretrained(done)
+    (work / "transformer-retuned.json").write_text(json.dumps(figures, indent=1))
+    log("retune:", figures)
     return figures
 
 
@@ -808,7 +937,9 @@ def assemble(args, work: Path, figures: dict) -> None:
     out = Path(args.out)
     if out.exists():
         shutil.rmtree(out)
-    pipe = make_pipeline(work, QwenImageTransformer2DModel.from_pretrained(work / "transformer-long"))
+    retuned = (work / "transformer-retuned" / "config.json").exists()
+    transformer, vae = ("transformer-retuned", "vae-separated") if retuned else ("transformer-long", "vae-colour")
+    pipe = make_pipeline(work, QwenImageTransformer2DModel.from_pretrained(work / transformer), vae=vae)
     pipe.save_pretrained(out, safe_serialization=True)
     # The scheduler, tokenizer and processor are the tiny checkpoint's files, byte for byte; the text encoder
     # is the one the data was encoded with.
@@ -841,7 +972,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--stages", default="vae,colour,encoder,data,transformer,more,long,assemble",
-                   help="stages to run (always in this order)")
+                   help="stages to run (always in this order; the bundled checkpoint's are the default ones, "
+                        "separate,redata,retune after long are opt-in: see train_retune)")
     p.add_argument("--vae-steps", type=int, default=800)
     p.add_argument("--vae-batch", type=int, default=8)
     p.add_argument("--vae-lr", type=float, default=3e-4)
@@ -872,6 +1004,15 @@ def main(argv=None) -> int:
     p.add_argument("--long-steps", type=int, default=600)
     p.add_argument("--long-lr", type=float, default=2e-4)
     p.add_argument("--long-ema", type=float, default=0.95)
+    p.add_argument("--separate-steps", type=int, default=200)
+    p.add_argument("--separate-lr", type=float, default=1e-4)
+    p.add_argument("--separate-margin", type=float, default=0.9,
+                   help="smallest gap between palette colours' normalised latents, in their mean norms")
+    p.add_argument("--retune-steps", type=int, default=1500)
+    p.add_argument("--retune-lr", type=float, default=3e-4)
+    p.add_argument("--retune-long-steps", type=int, default=400)
+    p.add_argument("--retune-unfollowed", type=float, default=0.5,
+                   help="--unfollowed while retuning (see train_retune)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     work = Path(args.work or args.out + ".work")
@@ -893,9 +1034,16 @@ def main(argv=None) -> int:
         figures.update(train_more(args, work))
     if "long" in stages:
         figures.update(train_long(args, work))
+    if "separate" in stages:
+        figures.update(separate_colours(args, work))
+    if "redata" in stages:
+        make_data(args, work, vae="vae-separated", folder=work / "separated")
+    if "retune" in stages:
+        figures.update(train_retune(args, work))
     if "assemble" in stages:
         for name in ("vae.json", "vae-colour.json", "text_encoder.json", "data.json", "transformer.json",
-                     "transformer-more.json", "transformer-long.json"):
+                     "transformer-more.json", "transformer-long.json", "vae-separated.json",
+                     "separated/data.json", "transformer-retuned.json"):
             if (work / name).exists():
                 figures.update(json.loads((work / name).read_text()))
         figures.pop("prompts", None)
