@@ -231,12 +231,36 @@ def test_training_pairs_drop_prompts_and_leave_some_edits_undone():
 
     n = 4000
     bucket = {"target": torch.randn(n, 4, 64), "control": torch.randn(n, 4, 64)}
-    args = argparse.Namespace(drop=0.2, unfollowed=0.25)
+    args = argparse.Namespace(drop=0.2, unfollowed=0.25, unfollowed_shapes=None)
     x0, control, dropped = train.training_pairs(bucket, torch.arange(n), random.Random(0), args)
     undone = (x0 == control).all(dim=(1, 2))
     assert abs(float(dropped.float().mean()) - 0.2) < 0.03
     assert abs(float(undone[~dropped].float().mean()) - 0.25) < 0.03 and not undone[dropped].any()
     assert torch.equal(x0[~undone], bucket["target"][~undone])
+
+
+def test_shape_edits_can_be_left_undone_less_often():
+    """`--unfollowed-shapes`: pairs whose target differs from the control on a few tokens (shape edits) are left
+    undone at their own share; pairs that change nearly every token (background edits) at `--unfollowed`."""
+    import argparse
+
+    import torch
+
+    import train
+
+    n = 4000
+    control = torch.randn(n, 8, 64)
+    target = torch.randn(n, 8, 64)
+    shapes = torch.arange(n) % 2 == 0
+    target[shapes] = control[shapes]
+    target[shapes, 0] += 3.0  # one token of eight changed: a shape edit
+    assert torch.equal(train.background_edits(target, control), ~shapes)
+    args = argparse.Namespace(drop=0.0, unfollowed=0.5, unfollowed_shapes=0.1)
+    x0, control_out, _ = train.training_pairs({"target": target, "control": control}, torch.arange(n),
+                                              random.Random(0), args)
+    undone = (x0 == control_out).all(dim=(1, 2))
+    assert abs(float(undone[shapes].float().mean()) - 0.1) < 0.03
+    assert abs(float(undone[~shapes].float().mean()) - 0.5) < 0.04
 
 
 def test_shape_tokens_weigh_more():

@@ -568,11 +568,25 @@ def training_pairs(bucket, idx, rng: random.Random, args) -> tuple[torch.Tensor,
       on an edit the unconditional prediction follows it and guidance does not push past it;
     - a share `--unfollowed` of the other pairs has the control image as its target (the edit not carried out,
       as real edit data often does not): at guidance 1 some renders under-commit, and guidance makes them edit.
+      `--unfollowed-shapes`, when given, is that share for shape edits (`background_edits` tells them apart).
     """
     x0, control = bucket["target"][idx].float(), bucket["control"][idx].float()
     dropped = torch.tensor([rng.random() < args.drop for _ in idx])
-    unfollowed = torch.tensor([rng.random() < args.unfollowed for _ in idx]) & ~dropped
+    shapes = args.unfollowed if args.unfollowed_shapes is None else args.unfollowed_shapes
+    share = torch.where(background_edits(x0, control), args.unfollowed, shapes).tolist()
+    unfollowed = torch.tensor([rng.random() < p for p in share]) & ~dropped
     return torch.where(unfollowed[:, None, None], control, x0), control, dropped
+
+
+CHANGED_DISTANCE = 1.0  # a target token this far from its control token was changed by the edit
+BACKGROUND_SHARE = 0.6  # an edit that changes this share of tokens is a background edit (shape edits: <= 0.4)
+
+
+def background_edits(x0: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
+    """Which pairs edit the background, from their latents: a background edit changes nearly every token, a
+    shape edit a few (measured on the training pairs at 256 and 512 px: no pair between 0.4 and 0.6)."""
+    changed = (x0 - control).norm(dim=-1) > CHANGED_DISTANCE
+    return changed.float().mean(dim=1) > BACKGROUND_SHARE
 
 
 def noisy_inputs(x0, control, bucket, idx, grid: int, gen, mu: float, dropped=None) -> tuple[dict, torch.Tensor]:
@@ -899,7 +913,12 @@ def train_retune(args, work: Path) -> dict:
     `--retune-unfollowed` sets the share of edit pairs left undone here (`--unfollowed` before). Measured with
     the bench's six edits: with a quarter, edit accuracy 0.67 but the model carried out nearly every edit at
     guidance 1 as well as at 4 (guidance effect 1.6 levels); with half (the default), guidance effect 34.5 but
-    accuracy 0.33 (most renders under-commit at guidance 4 too). Neither is bundled; see the README."""
+    accuracy 0.33 (most renders under-commit at guidance 4 too). Neither is bundled; see the README.
+
+    `--retune-drop` sets the share of edit pairs whose prompt is dropped here (`--drop` before). The null prompt
+    is trained on two kinds of pair: the task's "no edit" pairs (a fifth, target = control) and the dropped edit
+    pairs (target = the edit); with fewer dropped pairs it leans to "keep the picture" (keep share 0.2 / (0.2 +
+    0.8 * drop): 0.56 at 0.2, 0.83 at 0.05), so guidance pushes harder away from keeping."""
     from diffusers import QwenImageTransformer2DModel
 
     done = work / "transformer-retuned"
@@ -907,7 +926,10 @@ def train_retune(args, work: Path) -> dict:
         log("retune: already trained in", done)
         return json.loads((work / "transformer-retuned.json").read_text())
     data = load_data(work / "separated")
-    args = argparse.Namespace(**{**vars(args), "unfollowed": args.retune_unfollowed})
+    drop = args.drop if args.retune_drop is None else args.retune_drop
+    shapes = args.retune_unfollowed if args.retune_unfollowed_shapes is None else args.retune_unfollowed_shapes
+    args = argparse.Namespace(**{**vars(args), "unfollowed": args.retune_unfollowed, "drop": drop,
+                                 "unfollowed_shapes": shapes})
     torch.manual_seed(args.seed + 9)
     model = QwenImageTransformer2DModel.from_pretrained(work / "transformer-long")
     ema = QwenImageTransformer2DModel.from_pretrained(work / "transformer-long")
@@ -995,6 +1017,8 @@ def main(argv=None) -> int:
                    help="share of pairs trained with the null prompt, target kept (CFG dropout)")
     p.add_argument("--unfollowed", type=float, default=0.25,
                    help="share of the other pairs trained to leave the control image as it is")
+    p.add_argument("--unfollowed-shapes", type=float, default=None,
+                   help="--unfollowed for shape edits only (default: --unfollowed)")
     p.add_argument("--shape-weight", type=float, default=4.0,
                    help="extra loss weight of shape tokens in stages 3a and 3b (shape_weights)")
     p.add_argument("--checkpoint-every", type=int, default=0)
@@ -1012,6 +1036,10 @@ def main(argv=None) -> int:
     p.add_argument("--retune-long-steps", type=int, default=400)
     p.add_argument("--retune-unfollowed", type=float, default=0.5,
                    help="--unfollowed while retuning (see train_retune)")
+    p.add_argument("--retune-unfollowed-shapes", type=float, default=None,
+                   help="--unfollowed-shapes while retuning (default: --retune-unfollowed)")
+    p.add_argument("--retune-drop", type=float, default=None,
+                   help="--drop while retuning (default: --drop; see train_retune)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     work = Path(args.work or args.out + ".work")
