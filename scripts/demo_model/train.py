@@ -913,7 +913,9 @@ def train_retune(args, work: Path) -> dict:
     `--retune-unfollowed` sets the share of edit pairs left undone here (`--unfollowed` before). Measured with
     the bench's six edits: with a quarter, edit accuracy 0.67 but the model carried out nearly every edit at
     guidance 1 as well as at 4 (guidance effect 1.6 levels); with half (the default), guidance effect 34.5 but
-    accuracy 0.33 (most renders under-commit at guidance 4 too). Neither is bundled; see the README.
+    accuracy 0.33 (most renders under-commit at guidance 4 too). `--retune-unfollowed-shapes` gives shape edits
+    their own share: backgrounds 0.45, shapes 0.2 with `--retune-drop 0.05` measured 0.67 and 35.0. None is
+    bundled; see the README.
 
     `--retune-drop` sets the share of edit pairs whose prompt is dropped here (`--drop` before). The null prompt
     is trained on two kinds of pair: the task's "no edit" pairs (a fifth, target = control) and the dropped edit
