@@ -89,6 +89,19 @@ def test_training_is_reproducible_from_its_seed(tmp_path):
     assert type(pipe.text_encoder).__name__ == "Qwen2_5_VLForConditionalGeneration"
     assert len(pipe.vae.config.latents_mean) == len(pipe.vae.config.latents_std) == 16
 
+    # a second retuning round starts from the first (kept, not trained again) and is the one assembled
+    first_round = tmp_path / "a.work" / "transformer-retuned" / "diffusion_pytorch_model.safetensors"
+    before = first_round.read_bytes()
+    subprocess.run([sys.executable, str(TRAIN), "--out", str(tmp_path / "r2"), "--work", str(tmp_path / "a.work"),
+                    "--threads", "1", "--retune-steps", "2", "--retune-long-steps", "2", "--batch", "2",
+                    "--retune-rounds", "2", "--stages", "retune,assemble"], check=True, capture_output=True, cwd=ROOT)
+    second = tmp_path / "a.work" / "transformer-retuned-2" / "diffusion_pytorch_model.safetensors"
+    assembled = tmp_path / "r2" / "transformer" / "diffusion_pytorch_model.safetensors"
+    assert first_round.read_bytes() == before
+    assert hashlib.sha256(assembled.read_bytes()).digest() == hashlib.sha256(second.read_bytes()).digest()
+    assert second.read_bytes() != before
+    assert json.loads((tmp_path / "r2" / "training.json").read_text())["retune_round"] == 2
+
 
 def test_the_reader_head_makes_the_prompts_last_word_count(tmp_path):
     """At initialisation, before any flow-matching step: with the prompt reader head, changing the prompt's last

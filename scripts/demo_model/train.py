@@ -920,21 +920,42 @@ def train_retune(args, work: Path) -> dict:
     `--retune-drop` sets the share of edit pairs whose prompt is dropped here (`--drop` before). The null prompt
     is trained on two kinds of pair: the task's "no edit" pairs (a fifth, target = control) and the dropped edit
     pairs (target = the edit); with fewer dropped pairs it leans to "keep the picture" (keep share 0.2 / (0.2 +
-    0.8 * drop): 0.56 at 0.2, 0.83 at 0.05), so guidance pushes harder away from keeping."""
-    from diffusers import QwenImageTransformer2DModel
+    0.8 * drop): 0.56 at 0.2, 0.83 at 0.05), so guidance pushes harder away from keeping.
 
-    done = work / "transformer-retuned"
-    if (done / "config.json").exists():
-        log("retune: already trained in", done)
-        return json.loads((work / "transformer-retuned.json").read_text())
-    data = load_data(work / "separated")
+    `--retune-rounds N` retunes N times, each round from the last one's transformer with the same settings and
+    seeds (another warm-up and cosine decay): round k is kept in `transformer-retuned-k` (round 1 in
+    `transformer-retuned`), rounds already there are reused, and the last is assembled."""
     drop = args.drop if args.retune_drop is None else args.retune_drop
     shapes = args.retune_unfollowed if args.retune_unfollowed_shapes is None else args.retune_unfollowed_shapes
     args = argparse.Namespace(**{**vars(args), "unfollowed": args.retune_unfollowed, "drop": drop,
                                  "unfollowed_shapes": shapes})
+    figures, source = {}, work / "transformer-long"
+    for number in range(1, args.retune_rounds + 1):
+        done = retuned(work, number)
+        if (done / "config.json").exists():
+            log("retune: already trained in", done)
+            figures = json.loads(done.with_name(done.name + ".json").read_text())
+        else:
+            figures = retune_round(args, work, source, number)
+        source = done
+    return figures
+
+
+def retuned(work: Path, number: int) -> Path:
+    """Where retuning round `number` (from 1) keeps its transformer; the first is the one-round stage's folder."""
+    return work / ("transformer-retuned" if number == 1 else f"transformer-retuned-{number}")
+
+
+def retune_round(args, work: Path, source: Path, number: int) -> dict:
+    """Round `number` of `train_retune`: from the transformer in `source`, its average saved to `retuned(work,
+    number)`. Every round draws the same pairs, sigmas and noise (the first round's seeds)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    done = retuned(work, number)
+    data = load_data(work / "separated")
     torch.manual_seed(args.seed + 9)
-    model = QwenImageTransformer2DModel.from_pretrained(work / "transformer-long")
-    ema = QwenImageTransformer2DModel.from_pretrained(work / "transformer-long")
+    model = QwenImageTransformer2DModel.from_pretrained(source)
+    ema = QwenImageTransformer2DModel.from_pretrained(source)
     ema.requires_grad_(False)
     start = time.time()
     losses = flow_training(model, ema, data, args, "retune", args.retune_steps, args.retune_lr, 50, args.ema,
@@ -945,9 +966,10 @@ def train_retune(args, work: Path) -> dict:
                          "retune-long")
     figures = {"retune_steps": args.retune_steps, "retune_long_steps": args.retune_long_steps,
                "retune_seconds": round(time.time() - start, 1), "retune_long_seconds": round(time.time() - middle, 1),
-               "retune_final_loss": round(float(np.mean(losses[-200:])), 4)}
+               "retune_final_loss": round(float(np.mean(losses[-200:])), 4),
+               "retune_round": number}
     ema.save_pretrained(done)
-    (work / "transformer-retuned.json").write_text(json.dumps(figures, indent=1))
+    done.with_name(done.name + ".json").write_text(json.dumps(figures, indent=1))
     log("retune:", figures)
     return figures
 
@@ -960,9 +982,10 @@ def assemble(args, work: Path, figures: dict) -> None:
     out = Path(args.out)
     if out.exists():
         shutil.rmtree(out)
-    retuned = (work / "transformer-retuned" / "config.json").exists()
-    transformer, vae = ("transformer-retuned", "vae-separated") if retuned else ("transformer-long", "vae-colour")
-    pipe = make_pipeline(work, QwenImageTransformer2DModel.from_pretrained(work / transformer), vae=vae)
+    last = retuned(work, args.retune_rounds)
+    transformer, vae = (last, "vae-separated") if (last / "config.json").exists() else \
+        (work / "transformer-long", "vae-colour")
+    pipe = make_pipeline(work, QwenImageTransformer2DModel.from_pretrained(transformer), vae=vae)
     pipe.save_pretrained(out, safe_serialization=True)
     # The scheduler, tokenizer and processor are the tiny checkpoint's files, byte for byte; the text encoder
     # is the one the data was encoded with.
@@ -1040,6 +1063,8 @@ def main(argv=None) -> int:
                    help="--unfollowed while retuning (see train_retune)")
     p.add_argument("--retune-unfollowed-shapes", type=float, default=None,
                    help="--unfollowed-shapes while retuning (default: --retune-unfollowed)")
+    p.add_argument("--retune-rounds", type=int, default=1,
+                   help="retune this many times, each round from the last one's transformer (see train_retune)")
     p.add_argument("--retune-drop", type=float, default=None,
                    help="--drop while retuning (default: --drop; see train_retune)")
     args = p.parse_args(argv)
@@ -1072,7 +1097,7 @@ def main(argv=None) -> int:
     if "assemble" in stages:
         for name in ("vae.json", "vae-colour.json", "text_encoder.json", "data.json", "transformer.json",
                      "transformer-more.json", "transformer-long.json", "vae-separated.json",
-                     "separated/data.json", "transformer-retuned.json"):
+                     "separated/data.json", retuned(work, args.retune_rounds).name + ".json"):
             if (work / name).exists():
                 figures.update(json.loads((work / name).read_text()))
         figures.pop("prompts", None)
