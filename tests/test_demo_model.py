@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -304,3 +305,21 @@ def test_diagnose_judges_the_bundled_models_x0_estimates(tmp_path, capsys):
     from PIL import Image
 
     assert Image.open(sheet).size == (128 * (1 + len(diagnose.SIGMAS)), 128)
+
+
+def test_diagnose_measures_how_far_background_edits_commit(capsys):
+    """`diagnose.py --backgrounds`: for every background edit of a scene, the share of the way from the control
+    image's latents to the edit's that the bundled model's x0 estimate goes, with the edit's prompt and the null
+    prompt. From pure noise (sigma 1) the prompt moves it further than the null prompt does (the model reads
+    its prompt); given the target noised to sigma 0.7 both go most of the way."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import diagnose
+
+    assert diagnose.main(["--size", "256", "--backgrounds", "1", "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 6  # three backgrounds, two edits each
+    for line in lines:
+        figures = [float(x) for x in re.findall(r"(?:prompt|null) (-?[0-9.]+)", line)]
+        at_1, at_07 = figures[:2], figures[4:]
+        assert at_1[0] > at_1[1], line
+        assert min(at_07) > 0.5, line
