@@ -62,6 +62,8 @@ def estimates(pipe, scene: task.Scene, edit: task.Edit, size: int, seed: int) ->
 
 
 def x0_estimate(pipe, xt, control, embeds, s: float, grid: int) -> torch.Tensor:
+    """The transformer's estimate of the target tokens, x_t - s v, given x_t at sigma `s`, the control tokens and
+    one prompt's embeddings (both token images grid x grid)."""
     v = pipe.transformer(hidden_states=torch.cat([xt, control], 1), timestep=torch.tensor([s]),
                          encoder_hidden_states=embeds[None], encoder_hidden_states_mask=None,
                          img_shapes=[[(1, grid, grid), (1, grid, grid)]], return_dict=False)[0][:, : grid * grid]
