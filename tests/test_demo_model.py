@@ -323,3 +323,46 @@ def test_diagnose_measures_how_far_background_edits_commit(capsys):
         at_1, at_07 = figures[:2], figures[4:]
         assert at_1[0] > at_1[1], line
         assert min(at_07) > 0.5, line
+
+
+def test_orthogonal_colour_words_stand_further_apart(tmp_path):
+    """`--colour-directions orthogonal`: the colour words' embedding rows keep their dimension-0 mark and get
+    orthonormal directions on the other 15 at `--colour-scale` times the mean row norm, and after the text
+    encoder's layers the closest two shape colours (at the colour word of "make the shapes ...") are further
+    apart than with the default random directions (measured: 1.95 -> 3.92 on the prompt alone)."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    import train
+
+    def encoder(name, *extra):
+        subprocess.run([sys.executable, str(TRAIN), "--out", str(tmp_path / name), "--stages", "encoder",
+                        "--threads", "1", *extra], check=True, capture_output=True, cwd=ROOT)
+        return Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / f"{name}.work" / "text_encoder",
+                                                                  dtype=torch.float32).eval()
+
+    random_words = encoder("random")
+    orthogonal = encoder("orthogonal", "--colour-directions", "orthogonal", "--colour-scale", "2")
+    tokenizer = AutoTokenizer.from_pretrained(train.TINY / "tokenizer")
+    ids = train.colour_tokens(tokenizer)
+    rows = orthogonal.get_input_embeddings().weight[ids].detach()
+    same = random_words.get_input_embeddings().weight[ids].detach()
+    assert torch.equal(rows[:, 0], same[:, 0])  # the mark is kept
+    gram = rows[:, 1:] @ rows[:, 1:].T
+    off = gram - torch.diag(torch.diagonal(gram))
+    assert off.abs().max() < 0.02 * gram.diagonal().min()  # orthogonal (bf16-rounded)
+    # dimension 0 is 2 (--colour-mark) mean row norms, the rest 2 (--colour-scale): the same length
+    assert torch.allclose(rows[:, 1:].norm(dim=1), rows[:, 0], rtol=0.02)
+
+    def closest(model) -> float:
+        states = []
+        for word in task.SHAPE_COLOURS:
+            batch = tokenizer(f"make the shapes {word}", return_tensors="pt")
+            with torch.no_grad():
+                out = model(**batch, output_hidden_states=True)
+            states.append(out.hidden_states[-1][0, -1])
+        states = torch.stack(states)
+        gaps = torch.cdist(states, states)
+        return float(gaps[~torch.eye(len(states), dtype=torch.bool)].min())
+
+    assert closest(orthogonal) > 1.5 * closest(random_words)
