@@ -366,3 +366,26 @@ def test_orthogonal_colour_words_stand_further_apart(tmp_path):
         return float(gaps[~torch.eye(len(states), dtype=torch.bool)].min())
 
     assert closest(orthogonal) > 1.5 * closest(random_words)
+
+
+def test_the_transformer_can_be_trained_on_the_separated_vae_from_the_start(tmp_path):
+    """`--data-vae separated`: `separate` runs before the data stage, the data is encoded with its VAE, and
+    without retuning the assembled checkpoint carries that VAE; without the stage, a clear error."""
+    small = ["--threads", "1", "--vae-steps", "2", "--vae-batch", "2", "--vae-eval", "0", "--stat-scenes", "2",
+             "--colour-steps", "2", "--separate-steps", "2", "--scenes", "3", "--steps", "2", "--batch", "2",
+             "--more-steps", "2", "--long-steps", "2", "--data-vae", "separated"]
+    out = tmp_path / "s"
+    subprocess.run([sys.executable, str(TRAIN), "--out", str(out), *small, "--stages",
+                    "vae,colour,separate,encoder,data,transformer,more,long,assemble"],
+                   check=True, capture_output=True, cwd=ROOT)
+    work = tmp_path / "s.work"
+    assert json.loads((work / "data.json").read_text())["data_vae"] == "vae-separated"
+    weights = "diffusion_pytorch_model.safetensors"
+    assert (out / "vae" / weights).read_bytes() == (work / "vae-separated" / weights).read_bytes()
+    assert (out / "vae" / weights).read_bytes() != (work / "vae-colour" / weights).read_bytes()
+    assert json.loads((out / "training.json").read_text())["arguments"]["data_vae"] == "separated"
+
+    missing = subprocess.run([sys.executable, str(TRAIN), "--out", str(tmp_path / "m"), *small, "--stages",
+                              "vae,colour,encoder,data"], capture_output=True, text=True, cwd=ROOT)
+    assert missing.returncode != 0
+    assert "vae-separated" in missing.stderr and "separate" in missing.stderr

@@ -33,8 +33,10 @@ Stages, each kept under `--work` so an interrupted run resumes at the stage it w
 3c. opt-in (not in the default `--stages`, not in the bundled checkpoint): `separate`, `redata` (2 again, with
    that VAE, into `<work>/separated`) and `retune`: the VAE's palette colours pushed apart in latent space
    (`separate_colours`) and the transformer of 3b retuned to it (`train_retune`); see those functions for why
-   and what they gave.
-4. `assemble`: the diffusers folder: the trained VAE and transformer (of 3c when it ran, else 1b and 3b), the
+   and what they gave. `separate` runs right after 1b, so with `--data-vae separated` the data stage encodes
+   with that VAE and stages 3-3b train on it from the start (no retuning).
+4. `assemble`: the diffusers folder: the trained VAE and transformer (of 3c when it ran, else the data stage's
+   VAE and 3b), the
    text encoder of stage 1c, the tokenizer and processor of the tiny checkpoint and its scheduler config (the
    real one), and
    `training.json` (arguments, configs, times, machine, held-out figures).
@@ -461,6 +463,9 @@ def make_data(args, work: Path, vae: str = "vae-colour", folder: Path | None = N
     if (folder / "data.json").exists():
         log("data: already made in", folder)
         return
+    if not (work / vae / "config.json").exists():
+        raise SystemExit(f"no VAE in {work / vae}: add its stage to --stages "
+                         f"({'separate' if vae == 'vae-separated' else 'colour'}, which runs before the data stage)")
     folder.mkdir(parents=True, exist_ok=True)
     pipe = make_pipeline(work, vae=vae)
     rng = seeded(args.seed, "data")
@@ -998,7 +1003,7 @@ def assemble(args, work: Path, figures: dict) -> None:
         shutil.rmtree(out)
     last = retuned(work, args.retune_rounds)
     transformer, vae = (last, "vae-separated") if (last / "config.json").exists() else \
-        (work / "transformer-long", "vae-colour")
+        (work / "transformer-long", data_vae(args))
     pipe = make_pipeline(work, QwenImageTransformer2DModel.from_pretrained(transformer), vae=vae)
     pipe.save_pretrained(out, safe_serialization=True)
     # The scheduler, tokenizer and processor are the tiny checkpoint's files, byte for byte; the text encoder
@@ -1013,6 +1018,11 @@ def assemble(args, work: Path, figures: dict) -> None:
               "train_sizes": TRAIN_SIZES, **figures}
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     log("assembled", out)
+
+
+def data_vae(args) -> str:
+    """The VAE stage folder the data stage encodes with and, without retuning, the one assembled."""
+    return "vae-separated" if args.data_vae == "separated" else "vae-colour"
 
 
 def cpu_name() -> str:
@@ -1050,6 +1060,9 @@ def main(argv=None) -> int:
                    help="the colour words' other embedding dimensions (see make_text_encoder)")
     p.add_argument("--colour-scale", type=float, default=1.0,
                    help="with --colour-directions orthogonal, their norm in mean row norms")
+    p.add_argument("--data-vae", choices=("colour", "separated"), default="colour",
+                   help="the VAE the data stage encodes with: stage 1b's, or with `separate` in --stages (run "
+                        "before the data stage) stage 3c's, so the transformer is trained on it from the start")
     p.add_argument("--scenes", type=int, default=1000)
     p.add_argument("--edits-per-scene", type=int, default=2)
     p.add_argument("--steps", type=int, default=4000)
@@ -1095,10 +1108,12 @@ def main(argv=None) -> int:
         figures.update(train_vae(args, work))
     if "colour" in stages:
         figures.update(train_colours(args, work))
+    if "separate" in stages:
+        figures.update(separate_colours(args, work))
     if "encoder" in stages:
         figures.update(make_text_encoder(args, work))
     if "data" in stages:
-        make_data(args, work)
+        make_data(args, work, vae=data_vae(args))
         figures.update(json.loads((work / "data.json").read_text()))
     if "transformer" in stages:
         figures.update(train_transformer(args, work))
@@ -1106,8 +1121,6 @@ def main(argv=None) -> int:
         figures.update(train_more(args, work))
     if "long" in stages:
         figures.update(train_long(args, work))
-    if "separate" in stages:
-        figures.update(separate_colours(args, work))
     if "redata" in stages:
         make_data(args, work, vae="vae-separated", folder=work / "separated")
     if "retune" in stages:
