@@ -1043,7 +1043,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--stages", default="vae,colour,encoder,data,transformer,more,long,assemble",
                    help="stages to run (always in this order; the bundled checkpoint's are the default ones, "
-                        "separate,redata,retune after long are opt-in: see train_retune)")
+                        "separate (run after colour), redata and retune (after long) are opt-in: see train_retune and "
+                        "--data-vae)")
     p.add_argument("--vae-steps", type=int, default=800)
     p.add_argument("--vae-batch", type=int, default=8)
     p.add_argument("--vae-lr", type=float, default=3e-4)
