@@ -36,10 +36,8 @@ Stages, each kept under `--work` so an interrupted run resumes at the stage it w
    and what they gave. `separate` runs right after 1b, so with `--data-vae separated` the data stage encodes
    with that VAE and stages 3-3b train on it from the start (no retuning).
 4. `assemble`: the diffusers folder: the trained VAE and transformer (of 3c when it ran, else the data stage's
-   VAE and 3b), the
-   text encoder of stage 1c, the tokenizer and processor of the tiny checkpoint and its scheduler config (the
-   real one), and
-   `training.json` (arguments, configs, times, machine, held-out figures).
+   VAE and 3b), the text encoder of stage 1c, the tokenizer and processor of the tiny checkpoint and its
+   scheduler config (the real one), and `training.json` (arguments, configs, times, machine, held-out figures).
 
 Deterministic from `--seed` on a given CPU kind, torch version and thread count (two threads by default, as
 the recorded run).
