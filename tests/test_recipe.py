@@ -17,7 +17,7 @@ from parity.recipe import (AITK_SCHEDULER, FIELD_NAMES, LORA_PEFT, LORA_RUNTIME_
 from parity.preprocess import PROMPT_RESIZE, PROMPT_RESIZE_TRANSPOSED, prompt_size
 
 RUNS = ["tiny_qwen_image_edit_plus_lora_v1", "tiny_qwen_image_edit_plus_lora_strong_v1",
-        "tiny_qwen_edit_plus_parity_a", "demo_qwen_image_edit_plus_lora_v1", "demo_qwen_image_edit_plus_lora_strong_v1",
+        "tiny_qwen_edit_plus_parity_a", "demo_qwen_image_edit_plus_lora_v1",
         "demo_qwen_edit_plus_parity_a", "demo_qwen_edit_plus_qfloat8", "demo_qwen_edit_plus_uint3_ara",
         "demo_qwen_image_lora", "demo_qwen_image_2512_lora", "demo_qwen_image_edit_lora",
         "demo_qwen_image_edit_ctrl_img_1", "demo_qwen_edit_plus_2511_lora"]

@@ -121,7 +121,7 @@ def test_prompt_embeddings_equal_the_recorded_ones(run):
                 assert (ours.float() - theirs.float()).abs().max() <= 2 ** -6, (run, call)
                 assert (ours != theirs).float().mean() < 0.1
             elif dtype == "float32":
-                # recorded with two threads on an AVX2 CPU; one thread, or AVX-512 kernels, sum in another order:
+                # recorded with two threads on one CPU; one thread, or another kind of CPU, sums in another order:
                 # seen 1.1e-6 at the embeddings' magnitude (2-4), 5 fp32 ulps, against 1.6e-2 for one bf16 step
                 torch.testing.assert_close(ours, theirs, rtol=0, atol=4e-6, msg=f"{run} call {call}")
             elif t.precision != "none":
@@ -182,37 +182,39 @@ def torch_threads(n: int):
 def test_quantized_training_render_is_the_recorded_preview(run, render_cache):
     """ai-toolkit's previews on a quantized base (qfloat8 transformer and text encoder; uint3 + ARA transformer
     and qfloat8 text encoder), step 2 with the LoRA at run time: rendered again from the case's files. Equal bit
-    for bit at the recording's two threads on its kind of CPU (native bf16 through AMX); one thread sums the bf16
-    matmuls in another order (seen max 28-30, mean 0.19 levels). A CPU with AVX512-BF16 but no AMX rounds
-    otherwise (seen max 33-90, mean 0.19-0.23), and so does one without native bf16. On both native kinds the
-    same render without the quantization is farther from the preview."""
+    for bit at the recording's two threads on its kind of CPU (AVX512-BF16 without AMX); one thread sums the bf16
+    matmuls in another order, and so do other CPUs: at the previews' 4 steps and unrescaled guidance 3 the trained
+    model carries such rounding into whole pixels (one thread: max 34 and 66, mean 0.93 and 1.28 levels). On both
+    native kinds the same render without the quantization is farther from the preview (mean 12.3 and 6.6)."""
     from parity.kernels import NATIVE, bf16_conv_mode
 
-    _, t, _ = recipes(run)[1]
+    [(_, t, _)] = recipes(run)  # one preview, at step 2
     assert t.precision != "none" and t.lora and t.lora_application == "runtime/fp32" and t.vae_tiling
     loaded = pipeline.load_for(t, str(DEMO_MODEL), "cpu", cache_dir=render_cache)
     with torch_threads(2):
         ours = np.asarray(render.render(loaded, t), int)
-    recorded = np.asarray(Image.open(TRACES / run / "call01_preview_lossless.png").convert("RGB"), int)
+    recorded = np.asarray(Image.open(TRACES / run / "call00_preview_lossless.png").convert("RGB"), int)
     d = np.abs(ours - recorded)
-    assert d.mean() < 0.5
+    assert d.mean() < 2.5
     if bf16_conv_mode("cpu") != NATIVE:
         return
-    if cpu_has_amx():  # the recording's kind of CPU
+    if recording_kind_of_cpu():
         assert d.max() == 0
     plain = t.with_fields(precision="none", ara_file=None)
     with torch_threads(2):
         unquantized = np.asarray(render.render(pipeline.load_for(plain, str(DEMO_MODEL), "cpu"), plain), int)
-    # the quantization's own effect on this small model: qfloat8 mean 0.28 levels, uint3 + ARA 0.88-0.94 (measured)
-    assert np.abs(unquantized - recorded).mean() > max(d.mean(), 0.2)
+    # the quantization's own effect on the demo model: qfloat8 mean 12.3 levels, uint3 + ARA 6.6 (measured)
+    assert np.abs(unquantized - recorded).mean() > max(2 * d.mean(), 3)
 
 
-def cpu_has_amx() -> bool:
-    """AMX tiles (Sapphire Rapids and later): oneDNN's bf16 matmuls take them, and round otherwise than AVX512-BF16."""
+def recording_kind_of_cpu() -> bool:
+    """The bundled quantized runs were recorded on a CPU with AVX512-BF16 and no AMX tiles: oneDNN's bf16 matmuls
+    take AMX where it exists (Sapphire Rapids and later) and round otherwise."""
     try:
-        return "amx_bf16" in open("/proc/cpuinfo").read()
+        flags = open("/proc/cpuinfo").read()
     except OSError:
         return False
+    return "avx512_bf16" in flags and "amx_bf16" not in flags
 
 
 def text_to_image_copy(tiny_model: str, folder) -> str:
@@ -352,7 +354,7 @@ def test_an_offloaded_render_equals_the_resident_one(offload):
     from parity.errors import NotRenderable
 
     _, v1_training, v1_reference = recipes("demo_qwen_image_edit_plus_lora_v1")[3]
-    _, _, fused = recipes("demo_qwen_edit_plus_2511_lora")[1]
+    [(_, _, fused)] = recipes("demo_qwen_edit_plus_2511_lora")
     checkpoints = {v1_training: DEMO_MODEL, v1_reference: DEMO_MODEL,
                    fused: DEMO_MODEL.parent / "demo-qwen-image-edit-2511"}
     for recipe, model in checkpoints.items():
