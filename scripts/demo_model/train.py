@@ -30,7 +30,7 @@ Stages, each kept under `--work` so an interrupted run resumes at the stage it w
 3b. `long`: the averaged transformer (of 3a) trained further on render-size sequences (48x48 and 64x64 tokens, the
    512 px pairs resized in latent space), alternating with small 256 px batches, shape tokens weighted as
    in 3a.
-3c. opt-in (not in the default `--stages`, not in the bundled checkpoint): `separate`, `redata` (2 again, with
+3c. opt-in (not in the default `--stages`; the bundled checkpoint ran `separate`, see the README): `separate`, `redata` (2 again, with
    that VAE, into `<work>/separated`) and `retune`: the VAE's palette colours pushed apart in latent space
    (`separate_colours`) and the transformer of 3b retuned to it (`train_retune`); see those functions for why
    and what they gave. `separate` runs right after 1b, so with `--data-vae separated` the data stage encodes
@@ -1040,7 +1040,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--stages", default="vae,colour,encoder,data,transformer,more,long,assemble",
-                   help="stages to run (always in this order; the bundled checkpoint's are the default ones, "
+                   help="stages to run (always in this order; the bundled checkpoint's command, with separate, is in the README; "
                         "separate (run after colour), redata and retune (after long) are opt-in: see train_retune and "
                         "--data-vae)")
     p.add_argument("--vae-steps", type=int, default=800)
