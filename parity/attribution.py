@@ -107,9 +107,11 @@ def cause_groups(fields: tuple[str, ...]) -> list[tuple[str, ...]]:
 
 
 def attribute(render, preview: Image.Image, training: Recipe, reference: Recipe, *, metric: str = "mean_abs",
-              floor: float = 0.0, reverse: bool = False, encode=None) -> Attribution:
+              floor: float = 0.0, reverse: bool = False, encode=None, only: tuple[str, ...] | None = None,
+              only_reason: str = "") -> Attribution:
     """`render(recipe) -> Image` (cached by the caller); `encode`: how the preview file was saved (default: as
-    the training recipe's output format says). Returns the ranking of causes."""
+    the training recipe's output format says). Returns the ranking of causes. With `only`, a cause none of whose
+    fields is in it is listed but not rendered (`only_reason` says why)."""
     encode = encode or encoder(training.output_format)
     dist = lambda recipe: distance(preview, render(recipe), encode, metric)  # noqa: E731
     result = Attribution(metric, dist(reference), dist(training), floor=floor)
@@ -118,6 +120,8 @@ def attribute(render, preview: Image.Image, training: Recipe, reference: Recipe,
         blocked = [NOT_RENDERED[f] for f in group if f in NOT_RENDERED]
         if blocked:
             cause.testable, cause.reason = False, "; ".join(blocked)
+        elif only is not None and not set(group) & set(only):
+            cause.testable, cause.reason = False, only_reason or "not rendered"
         else:
             try:
                 cause.distance = dist(switch(reference, training, group))

@@ -96,7 +96,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("mean_abs_max", "default mean-abs-difference threshold, 0-255 levels", "", "float", shown_default="unset"),
     Setting("max_abs_max", "default max-abs-difference threshold, 0-255 levels", "", "float", shown_default="unset"),
     Setting("psnr_min", "default PSNR threshold, dB", "", "float", shown_default="unset"),
-    Setting("explain", "attribution (counterfactual renders) for failed, all or no previews", "failed", "choice",
+    Setting("explain", "attribution (counterfactual renders) for failed, all or no previews (an `explained` "
+            "preview, failed only on accepted fields, gets just their switch)", "failed", "choice",
             ("failed", "all", "none")),
     Setting("metric", "distance attribution ranks causes by", "mean_abs", "choice",
             ("mean_abs", "max_abs", "ssim", "psnr")),

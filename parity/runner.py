@@ -209,11 +209,16 @@ class Checker:
 
     def conclude(self, task: Task, preview: Image.Image, row: dict, failed: list, reproduced: bool,
                  same_size: bool) -> None:
-        """Attribution where asked, then the verdict."""
+        """The verdict, and attribution where asked. With `--parity-explain failed`, a preview the accepted
+        fields explain (verdict `explained`) has passed: attribution renders only those fields' switches (their
+        share of the gap); the other differing fields are listed, not rendered (`all` renders every one)."""
+        outcome = self.verdict(task, preview, row, failed, reproduced) if same_size or reproduced else {}
         explain = self.options.explain == "all" or (self.options.explain == "failed" and failed)
         if explain and (same_size or reproduced):  # a size gap with a wrong-size training render: inputs
-            self.explain(task, preview, row)
-        outcome = self.verdict(task, preview, row, failed, reproduced) if same_size or reproduced else {}
+            only = None
+            if self.options.explain == "failed" and outcome.get("verdict") == "explained":
+                only = self.accepted(task)
+            self.explain(task, preview, row, only=only)
         if not same_size and outcome.get("verdict") != "explained":
             outcome = dict(verdict="size mismatch", reason=failed[0])
         row.update(outcome)
@@ -304,8 +309,9 @@ class Checker:
                     "floor_how": "training recipe, math vs fused attention kernel (same device and dtype)"})
         return floor[self.options.metric]
 
-    def explain(self, task: Task, preview: Image.Image, row: dict):
-        """Counterfactual renders: which finding explains the gap (attribution), saved and recorded."""
+    def explain(self, task: Task, preview: Image.Image, row: dict, only: tuple[str, ...] | None = None):
+        """Counterfactual renders: which finding explains the gap (attribution), saved and recorded; with `only`
+        (the accepted fields of an explained preview), just the causes that hold one of them."""
         from .attribution import attribute
         floor = self.options.floor
         if task.training_problem:  # e.g. the ARA was not found: say which file, as the fidelity column does
@@ -317,7 +323,9 @@ class Checker:
                 floor = max(floor, self.noise_floor(task, preview, row))
             result = attribute(lambda recipe: self.render(recipe, task.model)[0], preview, task.training,
                                task.reference, metric=self.options.metric, floor=floor,
-                               reverse=self.options.reverse, encode=self.preview_encoder(task))
+                               reverse=self.options.reverse, encode=self.preview_encoder(task), only=only,
+                               only_reason=f"the accepted fields ({', '.join(only or ())}) explain the gap; "
+                                           f"--parity-explain all renders it")
         except NotRenderable as exc:  # attribution measures against the training render
             row["causes"] = json.dumps({"unavailable": f"the training recipe is not rendered here: {exc}"})
             return None

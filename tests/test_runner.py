@@ -4,6 +4,7 @@ preview still runs, the reports come out, and no file in a case folder is writte
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shutil
 from pathlib import Path
@@ -162,21 +163,28 @@ def test_a_size_gap_from_the_divisors_is_attributed_and_can_be_accepted(render_c
     """The Qwen-Image case's sample 0 asks for 272x256: ai-toolkit floored it to 256 (its preview), the server
     floors to 16 and renders 272. The training render reproduces the preview, so attribution runs and puts the
     whole gap on `width`; accepting `width` (the bundled case's parity.yaml does) turns the size mismatch into
-    `explained`."""
+    `explained`. An explained preview has passed, so attribution (`--parity-explain failed`) renders only the
+    accepted fields' switch and lists the other differing fields unrendered; a size mismatch gets every one."""
     from conftest import CASES
     from parity.runner import Checker
 
     options = Options(cases=(CASES / "workspace" / "aitk" / "output" / "demo_qwen_image_lora",),
                       cache_dir=render_cache, dtype="float32", metrics=())
-    [task] = [t for t in plan(options) if t.id == "demo_qwen_image_lora/0/0"]
+    [task] = [t for t in plan(options) if t.id == "demo_qwen_image_lora/2/0"]  # step 2: with the LoRA
     assert (task.training.width, task.reference.width) == (256, 272) and task.accept == ("width",)
     task.accept = accept
     row = Checker(options).check(task)
     assert row["fidelity_verdict"] == "reproduced" and row["top_cause"] == "width" and row["top_cause_share"] == 1
+    causes = {c["fields"][0]: c for c in json.loads(row["causes"])["causes"]}
+    assert set(causes) == {"width", "lora_application", "output_format"}
     if accept:
         assert row["verdict"] == "explained" and "gap explained by accepted fields width" in row["reason"]
+        lora = causes["lora_application"]
+        assert lora["share"] is None and not lora["testable"]
+        assert lora["reason"] == "the accepted fields (width) explain the gap; --parity-explain all renders it"
     else:
         assert row["verdict"] == "size mismatch" and row["reason"] == "preview is 256x256, regeneration is 272x256"
+        assert causes["lora_application"]["testable"] and causes["lora_application"]["share"] == 0
 
 
 @pytest.mark.parametrize("training", ["always", "failed"])
