@@ -67,9 +67,9 @@ def test_each_request_carries_what_ai_toolkit_used(run):
 
 def test_what_the_server_cannot_be_told_is_listed():
     by_id = {t.id: t for t in TASKS}
-    v1 = request(by_id["demo_qwen_image_edit_plus_lora_v1/2/0"])
+    v1 = request(by_id["demo_qwen_image_edit_plus_lora_v1/4/0"])
     assert {r["field"] for r in v1["remaining"]} >= {"cfg_norm", "lora_application"}
-    wide = request(by_id["demo_qwen_image_edit_lora/0/0"])
+    wide = request(by_id["demo_qwen_image_edit_lora/2/0"])
     assert {r["field"] for r in wide["remaining"]} >= {"control_prompt_resize", "control_vae_resize"}
     divisor = request(by_id["demo_qwen_image_lora/0/0"])  # asked 272 wide, ai-toolkit made 256: 256 is asked
     assert divisor["request"]["prompts"][0]["width"] == 256 and "width" not in [r["field"] for r in

@@ -129,16 +129,16 @@ def reference_server(tmp_path_factory):
 
 
 def test_the_real_server_replays_a_case_and_equals_the_harness_render(reference_server, tmp_path):
-    """Two previews of the v1 case (step 0 with the final LoRA at multiplier 0, step 2 with its own LoRA) sent to
-    the server: its JPEG q95 images equal the harness' fp32 render of the same requests saved the same way, the
-    first bit for bit; the second, after the server hot-swapped its LoRA (load_lora_weights(hotswap=True)), within
-    JPEG q95 rounding (seen: max 2 levels, mean 0.00025). The rows and the case page carry the request ids."""
+    """Two previews of the v1 case (step 0 with the final LoRA at multiplier 0, step 4 with it at 1) sent to the
+    server: its JPEG q95 images equal the harness' fp32 render of the same requests saved the same way, the first
+    bit for bit; the second within JPEG q95 rounding (seen, with the previous recording's step-2 preview, after
+    the server hot-swapped its LoRA with load_lora_weights(hotswap=True): max 2 levels, mean 0.00025). The rows and the case page carry the request ids."""
     from parity.plan import plan
 
     options = Options(cases=(V1,), report_dir=tmp_path / "rep", cache_dir=tmp_path / "cache", dtype="float32",
                       metrics=(), server=reference_server, server_local=True, training="failed", explain="none")
     tasks = [t for t in plan(options) if t.id in ("demo_qwen_image_edit_plus_lora_v1/0/0",
-                                                   "demo_qwen_image_edit_plus_lora_v1/2/0")]
+                                                   "demo_qwen_image_edit_plus_lora_v1/4/0")]
     records = run(options, tasks)
     assert (records[0]["server_vs_local_mean_abs"], records[0]["server_vs_local_max_abs"]) == (0.0, 0)
     assert records[1]["server_vs_local_mean_abs"] < 0.01 and records[1]["server_vs_local_max_abs"] <= 3
