@@ -60,14 +60,15 @@ def held_out(count: int) -> list[tuple[task.Scene, task.Edit]]:
     return out
 
 
-def recipe_for(control: str, prompt: str, seed: int, steps: int, dtype: str, scheduler: dict) -> Recipe:
+def recipe_for(control: str, prompt: str, seed: int, steps: int, dtype: str, scheduler: dict,
+               device: str = "cpu") -> Recipe:
     width, height = vae_size(*Image.open(control).size)
     return Recipe(width=width, height=height, steps=steps, scheduler=scheduler_json(scheduler), guidance=4.0,
                   cfg_norm=True, negative_prompt=" ", seed=seed, generator_device="cpu", prompt=prompt,
                   control_images_prompt=(control,), control_images_vae=(control,),
                   control_prompt_resize=PROMPT_RESIZE, control_vae_resize=VAE_RESIZE, lora=None, multiplier=1.0,
                   lora_application=LORA_NONE, precision="none", text_encoder_rope="float32", vae_tiling=False,
-                  device="cpu", dtype=dtype, output_format="png", model=rendered()["qwen_image_edit_plus"].name)
+                  device=device, dtype=dtype, output_format="png", model=rendered()["qwen_image_edit_plus"].name)
 
 
 def mean_abs(a: Image.Image, b: Image.Image) -> float:
@@ -82,6 +83,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="render on this device (the figures in the README are the CPU's; "
+                   "the noise is drawn on the CPU either way)")
     p.add_argument("--sheet", default=None, help="write a contact sheet of the renders here (PNG)")
     p.add_argument("--json", default=None, help="write the per-sample figures here")
     args = p.parse_args(argv)
@@ -90,7 +93,7 @@ def main(argv=None) -> int:
         print(f"no demo model at {args.model}: train one with\n"
               f"  python scripts/demo_model/train.py --out {args.model}\n(about 95 minutes on 2 CPU cores)")
         return 2
-    loaded = pipeline.load(args.model, "cpu", args.dtype)
+    loaded = pipeline.load(args.model, args.device, args.dtype)
     scheduler = dict(loaded.pipe.scheduler.config)
     rows, sheet = [], []
     start = time.time()
@@ -99,7 +102,7 @@ def main(argv=None) -> int:
             control = scene.draw()
             path = str(Path(tmp) / f"control_{i:02d}.png")
             control.save(path)
-            base = recipe_for(path, edit.prompt, 1000 + i, args.steps, args.dtype, dict(scheduler))
+            base = recipe_for(path, edit.prompt, 1000 + i, args.steps, args.dtype, dict(scheduler), args.device)
             main_render = render.render(loaded, base)
             plain = render.render(loaded, base.with_fields(guidance=1.0))
             row = {"prompt": edit.prompt, "kind": edit.kind, "right": task.edit_is_right(main_render, scene, edit),

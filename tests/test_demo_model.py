@@ -391,3 +391,32 @@ def test_the_transformer_can_be_trained_on_the_separated_vae_from_the_start(tmp_
                              capture_output=True, text=True, cwd=ROOT)
     assert missing.returncode != 0
     assert "vae-separated" in missing.stderr and "separate" in missing.stderr
+
+
+def test_a_transformer_seed_trains_another_transformer_on_the_same_vae(tmp_path):
+    """`--transformer-seed` reseeds the data and transformer stages only: the same VAE and text encoder, another
+    transformer; seed_search's `--vae-from` sets up such runs from a checkpoint."""
+    import seed_search
+
+    small = ["--threads", "1", "--vae-steps", "2", "--vae-batch", "2", "--vae-eval", "0", "--stat-scenes", "2",
+             "--colour-steps", "2", "--separate-steps", "2", "--scenes", "3", "--steps", "2", "--batch", "2",
+             "--more-steps", "2", "--long-steps", "2", "--data-vae", "separated"]
+    base = tmp_path / "base"
+    subprocess.run([sys.executable, str(TRAIN), "--out", str(base), *small, "--stages", seed_search.STAGES], check=True,
+                   capture_output=True, cwd=ROOT)
+    other = tmp_path / "other"
+    seed_search.start_from(base, tmp_path / "other.work", "separated")
+    subprocess.run([sys.executable, str(TRAIN), "--out", str(other), *small, "--transformer-seed", "5",
+                    "--stages", seed_search.LATE_STAGES], check=True, capture_output=True, cwd=ROOT)
+    weights = "diffusion_pytorch_model.safetensors"
+    assert (other / "vae" / weights).read_bytes() == (base / "vae" / weights).read_bytes()
+    assert (other / "text_encoder" / "model.safetensors").read_bytes() == \
+        (base / "text_encoder" / "model.safetensors").read_bytes()
+    assert (other / "transformer" / weights).read_bytes() != (base / "transformer" / weights).read_bytes()
+    record = json.loads((other / "training.json").read_text())
+    assert record["seed"] == 0 and record["arguments"]["transformer_seed"] == 5
+    assert record["device"]  # the CPU's name on a CPU run
+
+    flags = seed_search.recipe_flags(base / "training.json")
+    assert "--seed" not in flags and "--threads" not in flags and "--transformer-seed" not in flags
+    assert flags[flags.index("--data-vae") + 1] == "separated" and flags[flags.index("--steps") + 1] == "2"

@@ -39,8 +39,9 @@ Stages, each kept under `--work` so an interrupted run resumes at the stage it w
    VAE and 3b), the text encoder of stage 1c, the tokenizer and processor of the tiny checkpoint and its
    scheduler config (the real one), and `training.json` (arguments, configs, times, machine, held-out figures).
 
-Deterministic from `--seed` on a given CPU kind, torch version and thread count (two threads by default, as
-the recorded run).
+Deterministic from `--seed` (and `--transformer-seed`, which stages 2-3c draw from when given) on a given
+device kind, torch version and thread count (two threads by default). `--device cuda` trains and encodes on a
+GPU (`use_device`); a GPU run's weights differ from a CPU run's.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # parity (prompt sizes)
 import task  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,6 +77,9 @@ TRAIN_SIZES = ((256, 0.45), (384, 0.35), (512, 0.2))  # (square size, share of t
 NULL_PROMPTS = ("", " ")
 NULL_TOKENS = 1  # the most tokens a null prompt has; every edit prompt has more
 TEMPLATE_END = ("<|im_end|>", "\n", "<|im_start|>", "assistant", "\n")  # after the prompt in encode_prompt
+
+
+DEVICE = torch.device("cpu")  # where stages train and encode (`--device`); tensors are drawn on the CPU
 
 
 def log(*args):
@@ -139,7 +144,7 @@ def held_out_psnr(vae, seed: int, count: int, size: int) -> float | None:
         return None
     with torch.no_grad():
         for _ in range(count):
-            x = to_pixels(upsampled(task.random_scene(rng), size))[None, :, None]
+            x = to_pixels(upsampled(task.random_scene(rng), size))[None, :, None].to(DEVICE)
             y = vae.decode(vae.encode(x).latent_dist.mode()).sample
             values.append(psnr(x, y))
     return round(float(np.mean(values)), 2)
@@ -152,6 +157,7 @@ def vae_step(vae, opt, x: torch.Tensor, lr: float, args, label: str, report: boo
     latents; a small penalty keeps the latents' scale; `extra()`, when given, is added to the loss."""
     for group in opt.param_groups:
         group["lr"] = lr
+    x = x.to(DEVICE)
     z = vae.encode(x).latent_dist.mode()
     y = decode_unclamped(vae, z + args.vae_noise * torch.randn_like(z))
     loss = (y - x).abs().mean() + (y - x).pow(2).mean() + args.vae_penalty * z.pow(2).mean()
@@ -182,7 +188,7 @@ def train_vae(args, work: Path) -> dict:
         log("vae: already trained in", done)
         return json.loads((work / "vae.json").read_text())
     torch.manual_seed(args.seed)
-    vae = AutoencoderKLQwenImage(**VAE_CONFIG)
+    vae = AutoencoderKLQwenImage(**VAE_CONFIG).to(DEVICE)
     rng = seeded(args.seed, "vae")
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     start = time.time()
@@ -220,7 +226,7 @@ def colour_separation(vae) -> dict:
     zs, worst = {}, 0.0
     with torch.no_grad():
         for name, rgb in task.PALETTE.items():
-            x = to_pixels(Image.new("RGB", (64, 64), rgb))[None, :, None]
+            x = to_pixels(Image.new("RGB", (64, 64), rgb))[None, :, None].to(DEVICE)
             z = vae.encode(x).latent_dist.mode()
             zs[name] = z[0, :, 0, 4, 4]
             worst = max(worst, float((vae.decode(z).sample - x).abs().max() * 127.5))
@@ -240,7 +246,7 @@ def train_colours(args, work: Path) -> dict:
         log("colours: already trained in", done)
         return json.loads((work / "vae-colour.json").read_text())
     torch.manual_seed(args.seed + 2)
-    vae = AutoencoderKLQwenImage.from_pretrained(work / "vae")
+    vae = AutoencoderKLQwenImage.from_pretrained(work / "vae").to(DEVICE)
     before = colour_separation(vae)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.colour_lr, weight_decay=0.0)
     rng = seeded(args.seed, "colour")
@@ -265,6 +271,7 @@ def palette_tokens(vae, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """Each palette colour's packed token as the transformer sees it: a flat 32 px patch encoded (the posterior's
     mode), normalised by `mean`/`std`, the middle 2x2 latents; one row per `PALETTE_NAMES` entry."""
     flat = torch.stack([to_pixels(Image.new("RGB", (32, 32), task.PALETTE[n])) for n in PALETTE_NAMES]).unsqueeze(2)
+    flat, mean, std = flat.to(DEVICE), mean.to(DEVICE), std.to(DEVICE)
     z = (vae.encode(flat).latent_dist.mode() - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
     return z[:, :, 0, 1:3, 1:3].flatten(1)
 
@@ -300,7 +307,7 @@ def separate_colours(args, work: Path) -> dict:
         log("separate: already trained in", done)
         return json.loads((work / "vae-separated.json").read_text())
     torch.manual_seed(args.seed + 4)
-    vae = AutoencoderKLQwenImage.from_pretrained(work / "vae-colour")
+    vae = AutoencoderKLQwenImage.from_pretrained(work / "vae-colour").to(DEVICE)
     before = palette_gaps(vae)
     mean, std = torch.tensor(vae.config.latents_mean), torch.tensor(vae.config.latents_std)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.separate_lr, weight_decay=0.0)
@@ -331,8 +338,8 @@ def latent_stats(vae, seed: int, count: int) -> tuple[list[float], list[float]]:
     zs = []
     with torch.no_grad():
         for _ in range(count):
-            x = to_pixels(upsampled(task.random_scene(rng), 256))[None, :, None]
-            zs.append(vae.encode(x).latent_dist.mode()[0, :, 0].flatten(1))
+            x = to_pixels(upsampled(task.random_scene(rng), 256))[None, :, None].to(DEVICE)
+            zs.append(vae.encode(x).latent_dist.mode()[0, :, 0].flatten(1).cpu())
     z = torch.cat(zs, dim=1)
     return [round(v, 4) for v in z.mean(1).tolist()], [round(v, 4) for v in z.std(1).tolist()]
 
@@ -428,15 +435,15 @@ def prompt_embeds(pipe, prompt: str, control: Image.Image, stock_pil: bool) -> t
         image = pipe.image_processor.resize(control, h, w)
     else:
         image = F.interpolate(TF.to_tensor(control).unsqueeze(0), size=(h, w), mode="bilinear")
-    embeds, _ = pipe.encode_prompt(prompt, image=[image], device="cpu", num_images_per_prompt=1)
-    return embeds[0]
+    embeds, _ = pipe.encode_prompt(prompt, image=[image], device=DEVICE, num_images_per_prompt=1)
+    return embeds[0].cpu()
 
 
 def packed_latents(pipe, images: list[Image.Image]) -> torch.Tensor:
     """Latents as the pipeline makes them for control images: preprocess, VAE mode, normalise, pack 2x2."""
     size = images[0].size[0]
     pixels = torch.cat([pipe.image_processor.preprocess(im, size, size) for im in images]).unsqueeze(2)
-    latents = pipe._encode_vae_image(pixels, generator=None)[:, :, 0]
+    latents = pipe._encode_vae_image(pixels.to(DEVICE), generator=None)[:, :, 0].cpu()
     g = size // pipe.vae_scale_factor
     return pipe._pack_latents(latents, len(images), latents.shape[1], g, g)
 
@@ -465,7 +472,7 @@ def make_data(args, work: Path, vae: str = "vae-colour", folder: Path | None = N
         raise SystemExit(f"no VAE in {work / vae}: add its stage to --stages "
                          f"({'separate' if vae == 'vae-separated' else 'colour'}, which runs before the data stage)")
     folder.mkdir(parents=True, exist_ok=True)
-    pipe = make_pipeline(work, vae=vae)
+    pipe = make_pipeline(work, vae=vae).to(DEVICE)
     rng = seeded(args.seed, "data")
     sizes, shares = zip(*TRAIN_SIZES)
     buckets: dict[int, dict[str, list]] = {s: {"control": [], "target": [], "prompt": [], "words": [], "null": []}
@@ -634,7 +641,9 @@ def shape_weights(control: torch.Tensor, weight: float) -> torch.Tensor:
 def flow_step(model, opt, x0, control, bucket, idx, grid: int, gen, mu: float, dropped=None, weight: float = 0.0):
     """One flow-matching step (see `noisy_inputs`); shape tokens weighted 1 + `weight` (`shape_weights`)."""
     inputs, target = noisy_inputs(x0, control, bucket, idx, grid, gen, mu, dropped)
+    inputs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     pred = model(**inputs)[0][:, : x0.shape[1]]
+    target, control = target.to(DEVICE), control.to(DEVICE)
     w = shape_weights(control, weight)
     loss = ((pred - target).pow(2).mean(-1) * w).mean() / w.mean()
     opt.zero_grad(set_to_none=True)
@@ -812,6 +821,7 @@ def train_transformer(args, work: Path) -> dict:
     ema = QwenImageTransformer2DModel(**TRANSFORMER_CONFIG)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
+    model, ema = model.to(DEVICE), ema.to(DEVICE)
     start = time.time()
     losses = flow_training(model, ema, data, args, "transformer", args.steps, args.lr, 100, args.ema, args.seed,
                            "batches", checkpoints=done)
@@ -836,8 +846,8 @@ def train_more(args, work: Path) -> dict:
         return json.loads((work / "transformer-more.json").read_text())
     data = load_data(work)
     torch.manual_seed(args.seed + 7)
-    model = QwenImageTransformer2DModel.from_pretrained(work / "transformer")
-    ema = QwenImageTransformer2DModel.from_pretrained(work / "transformer")
+    model = QwenImageTransformer2DModel.from_pretrained(work / "transformer").to(DEVICE)
+    ema = QwenImageTransformer2DModel.from_pretrained(work / "transformer").to(DEVICE)
     ema.requires_grad_(False)
     start = time.time()
     losses = flow_training(model, ema, data, args, "more", args.more_steps, args.more_lr, 50, args.ema,
@@ -909,8 +919,8 @@ def train_long(args, work: Path) -> dict:
     data = load_data(work)
     torch.manual_seed(args.seed + 3)
     source = work / ("transformer-more" if (work / "transformer-more" / "config.json").exists() else "transformer")
-    model = QwenImageTransformer2DModel.from_pretrained(source)
-    ema = QwenImageTransformer2DModel.from_pretrained(source)
+    model = QwenImageTransformer2DModel.from_pretrained(source).to(DEVICE)
+    ema = QwenImageTransformer2DModel.from_pretrained(source).to(DEVICE)
     ema.requires_grad_(False)
     start = time.time()
     render_size_training(model, ema, data, args, "long", args.long_steps, args.seed + 3, "long")
@@ -971,8 +981,8 @@ def retune_round(args, work: Path, source: Path, number: int) -> dict:
     done = retuned(work, number)
     data = load_data(work / "separated")
     torch.manual_seed(args.seed + 9)
-    model = QwenImageTransformer2DModel.from_pretrained(source)
-    ema = QwenImageTransformer2DModel.from_pretrained(source)
+    model = QwenImageTransformer2DModel.from_pretrained(source).to(DEVICE)
+    ema = QwenImageTransformer2DModel.from_pretrained(source).to(DEVICE)
     ema.requires_grad_(False)
     start = time.time()
     losses = flow_training(model, ema, data, args, "retune", args.retune_steps, args.retune_lr, 50, args.ema,
@@ -1010,12 +1020,34 @@ def assemble(args, work: Path, figures: dict) -> None:
         shutil.rmtree(out / part)
         shutil.copytree(source / part, out / part)
     record = {"seed": args.seed, "threads": args.threads, "torch": torch.__version__,
-              "machine": platform.processor() or platform.machine(), "cpu": cpu_name(),
+              "machine": platform.processor() or platform.machine(), "cpu": cpu_name(), "device": device_name(),
               "arguments": {k: v for k, v in vars(args).items() if k not in ("out", "work", "stages")},
               "vae_config": VAE_CONFIG, "transformer_config": TRANSFORMER_CONFIG,
               "train_sizes": TRAIN_SIZES, **figures}
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     log("assembled", out)
+
+
+def use_device(name: str) -> None:
+    """Train and encode on `name`. On a GPU, PyTorch's deterministic algorithms (warnings where an op has none)
+    and its math attention kernel, so that a seed gives the same weights on the same GPU kind, torch and CUDA
+    version; the GPU's weights differ from the CPU's (other kernels round differently)."""
+    global DEVICE
+    DEVICE = torch.device(name)
+    if DEVICE.type == "cuda":
+        import os
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        for switch in (torch.backends.cuda.enable_flash_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
+                       torch.backends.cuda.enable_cudnn_sdp):
+            switch(False)
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else cpu_name()
 
 
 def data_vae(args) -> str:
@@ -1038,7 +1070,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="the diffusers folder to write")
     p.add_argument("--work", default=None, help="stage outputs (default: <out>.work)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--transformer-seed", type=int, default=None,
+                   help="the seed of the data and transformer stages (2, 3-3c; default --seed): other transformers "
+                        "on the same VAE and text encoder")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu",
+                   help="where to train and encode (cpu, cuda): batches, noise and initial weights are still drawn "
+                        "on the CPU; see use_device")
     p.add_argument("--stages", default="vae,colour,encoder,data,transformer,more,long,assemble",
                    help="stages to run (always in this order; the bundled checkpoint's command, with separate, is in the README; "
                         "separate (run after colour), redata and retune (after long) are opt-in: see train_retune and "
@@ -1099,10 +1137,14 @@ def main(argv=None) -> int:
                    help="--drop while retuning (default: --drop; see train_retune)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    use_device(args.device)
     work = Path(args.work or args.out + ".work")
     work.mkdir(parents=True, exist_ok=True)
     stages = args.stages.split(",")
     figures = {}
+    # Stages 2-3c draw their pairs, batches and initial weights from --transformer-seed.
+    late = argparse.Namespace(**{**vars(args), "seed": args.seed if args.transformer_seed is None
+                                 else args.transformer_seed})
     if "vae" in stages:
         figures.update(train_vae(args, work))
     if "colour" in stages:
@@ -1112,18 +1154,18 @@ def main(argv=None) -> int:
     if "encoder" in stages:
         figures.update(make_text_encoder(args, work))
     if "data" in stages:
-        make_data(args, work, vae=data_vae(args))
+        make_data(late, work, vae=data_vae(args))
         figures.update(json.loads((work / "data.json").read_text()))
     if "transformer" in stages:
-        figures.update(train_transformer(args, work))
+        figures.update(train_transformer(late, work))
     if "more" in stages:
-        figures.update(train_more(args, work))
+        figures.update(train_more(late, work))
     if "long" in stages:
-        figures.update(train_long(args, work))
+        figures.update(train_long(late, work))
     if "redata" in stages:
-        make_data(args, work, vae="vae-separated", folder=work / "separated")
+        make_data(late, work, vae="vae-separated", folder=work / "separated")
     if "retune" in stages:
-        figures.update(train_retune(args, work))
+        figures.update(train_retune(late, work))
     if "assemble" in stages:
         for name in ("vae.json", "vae-colour.json", "text_encoder.json", "data.json", "transformer.json",
                      "transformer-more.json", "transformer-long.json", "vae-separated.json",
