@@ -237,7 +237,7 @@ def step_chart(rows: list[dict], key: str, higher_better: bool, width: int = 300
     pts = sorted(((s, v, row) for s, v, row in pts if s is not None and v is not None), key=lambda p: p[0])
     if not pts:
         return None
-    left, right, top, bottom = 46, 10, 10, 24
+    right, top, bottom = 10, 10, 24
     steps = [p[0] for p in pts]
     values = [p[1] for p in pts]
     s0, s1 = min(steps), max(steps)
@@ -246,22 +246,28 @@ def step_chart(rows: list[dict], key: str, higher_better: bool, width: int = 300
         v0, v1 = v0 - 0.5 * (abs(v0) or 1) * 0.01, v1 + 0.5 * (abs(v1) or 1) * 0.01
     pad = (v1 - v0) * 0.08
     v0, v1 = v0 - pad, v1 + pad
+    digits = 3  # enough decimals that the two axis labels differ (SSIM near 1 moves in the 4th-5th place)
+    while digits < 6 and f"{v0 + pad:.{digits}f}" == f"{v1 - pad:.{digits}f}":
+        digits += 1
+    labels = [_fmt(v, digits) for v in (v0 + pad, v1 - pad)]
+    left = max(46, 6 * max(map(len, labels)) + 10)  # room for the longer axis label (10 px type: ~6 px a digit)
     sx = lambda s: left + (0.5 if s1 == s0 else (s - s0) / (s1 - s0)) * (width - left - right)  # noqa: E731
     sy = lambda v: top + (v1 - v) / (v1 - v0) * (height - top - bottom)  # noqa: E731
     points = [{"x": round(sx(s), 1), "y": round(sy(v), 1), "step": int(s), "value": v, "anchor": row["anchor"],
                "vclass": row["vclass"], "verdict": row["verdict"]} for s, v, row in pts]
     first, last = values[0], values[-1]
     worse = (last < first) if higher_better else (last > first)
-    digits = 3  # enough decimals that the two axis labels differ (SSIM near 1 moves in the 4th-5th place)
-    while digits < 6 and f"{v0 + pad:.{digits}f}" == f"{v1 - pad:.{digits}f}":
-        digits += 1
-    change = f" ({last - first:+.{digits}f})" if len(pts) > 1 else ""
+    change = f"{last - first:+.{digits}f}"
+    if float(change) == 0:  # a change below the labels' precision is no trend (rounding-level differences)
+        trend = f"unchanged (within {0.5 * 10 ** -digits:g})"
+    else:
+        trend = ("worse" if worse else "better") + f" ({change})"
     return {"width": width, "height": height, "points": points,
             "path": " ".join(f"{'M' if i == 0 else 'L'}{p['x']},{p['y']}" for i, p in enumerate(points)),
             "ymin": v0 + pad, "ymax": v1 - pad, "y_top": round(sy(v1 - pad), 1), "y_bottom": round(sy(v0 + pad), 1),
             "x_left": left, "x_right": width - right, "baseline": height - bottom,
             "smin": int(s0), "smax": int(s1), "digits": digits,
-            "trend": (("worse" if worse else "better or same") + change) if len(pts) > 1 else ""}
+            "trend": trend if len(pts) > 1 else ""}
 
 
 # ---- pages ----------------------------------------------------------------------------------------------

@@ -300,3 +300,19 @@ def test_size_of_a_100_preview_report_at_1024(tmp_path):
     assert figures["index_bytes"] < 2_000_000
     assert figures["total_bytes"] < 150_000_000
     assert figures["thumbnails"] == figures["full_size_images"] == 100 * len(KINDS)
+
+
+def test_step_chart_names_a_trend_only_above_the_labels_precision():
+    from parity.report import step_chart
+
+    def rows(values, key="ssim"):
+        return [{"step": s, "r": {key: v}, "anchor": f"p{s}", "vclass": "pass", "verdict": "match"}
+                for s, v in zip((0, 10, 20), values)]
+
+    same = step_chart(rows([0.9999981, 0.9999990, 0.9999983]), "ssim", higher_better=True)
+    assert same["digits"] == 6 and same["trend"].startswith("unchanged")
+    assert same["x_left"] >= 6 * len("0.999999") + 10  # the six-decimal axis labels fit left of the plot
+    worse = step_chart(rows([0.95, 0.93, 0.91]), "ssim", higher_better=True)
+    assert worse["trend"] == "worse (-0.040)" and worse["x_left"] == 46
+    better = step_chart(rows([0.3, 0.2, 0.1], "lpips"), "lpips", higher_better=False)
+    assert better["trend"] == "better (-0.200)"
