@@ -17,6 +17,10 @@ true CFG with its norm rescale, negative prompt " "), at the control image's VAE
   first `--pairs` samples; target >= 10.
 
 The last line reads `demo model: edit_accuracy A resemblance R guidance_effect G cfg_norm_over_floor F`.
+
+`--screen M` judges a candidate model quickly instead: the guidance-4 render of each held-out edit only (rows
+named by `--first` first, then the rest in order), stopping at the M-th miss, since with `--count 12` a third
+miss already puts edit accuracy under its target. Its last line reads `screen: R right of N, missed rows [...]`.
 """
 
 from __future__ import annotations
@@ -87,6 +91,9 @@ def main(argv=None) -> int:
                    "the noise is drawn on the CPU either way)")
     p.add_argument("--sheet", default=None, help="write a contact sheet of the renders here (PNG)")
     p.add_argument("--json", default=None, help="write the per-sample figures here")
+    p.add_argument("--screen", type=int, default=None, metavar="M",
+                   help="guidance-4 renders only, stopping at the M-th missed edit (no other figures)")
+    p.add_argument("--first", default="", help="with --screen: comma-separated rows to render first")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not (Path(args.model) / "model_index.json").exists():
@@ -95,6 +102,8 @@ def main(argv=None) -> int:
         return 2
     loaded = pipeline.load(args.model, args.device, args.dtype)
     scheduler = dict(loaded.pipe.scheduler.config)
+    if args.screen is not None:
+        return screen(loaded, scheduler, args)
     rows, sheet = [], []
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,6 +146,32 @@ def main(argv=None) -> int:
         print(f"{name:20s} {value:8.3f}  target {TARGETS[name]:g}  {'met' if value >= TARGETS[name] else 'MISSED'}")
     print(f"{len(rows)} held-out edits, {args.steps} steps, {args.dtype}, {time.time() - start:.0f} s")
     print("demo model: " + " ".join(f"{k} {v:.3f}" for k, v in figures.items()))
+    return 0
+
+
+def screen(loaded, scheduler: dict, args) -> int:
+    """`--screen`: each held-out edit's guidance-4 render, `--first` rows first, until `args.screen` misses."""
+    edits = held_out(args.count)
+    first = [int(r) for r in args.first.split(",") if r.strip()]
+    if any(not 0 <= r < len(edits) for r in first):
+        raise SystemExit(f"--first {args.first}: rows run from 0 to {len(edits) - 1} (--count {args.count})")
+    order = list(dict.fromkeys(first + list(range(len(edits)))))
+    right, missed, start = 0, [], time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in order:
+            scene, edit = edits[i]
+            path = str(Path(tmp) / f"control_{i:02d}.png")
+            scene.draw().save(path)
+            image = render.render(loaded, recipe_for(path, edit.prompt, 1000 + i, args.steps, args.dtype,
+                                                     dict(scheduler), args.device))
+            ok = task.edit_is_right(image, scene, edit)
+            right += ok
+            missed += [] if ok else [i]
+            print(f"{i:2d} {edit.kind:10s} {edit.prompt!r:36s} right {ok!s:5s} ({time.time() - start:.0f} s)",
+                  flush=True)
+            if len(missed) >= args.screen:
+                break
+    print(f"screen: {right} right of {right + len(missed)}, missed rows {missed}")
     return 0
 
 

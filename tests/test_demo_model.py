@@ -420,3 +420,24 @@ def test_a_transformer_seed_trains_another_transformer_on_the_same_vae(tmp_path)
     flags = seed_search.recipe_flags(base / "training.json")
     assert "--seed" not in flags and "--threads" not in flags and "--transformer-seed" not in flags
     assert flags[flags.index("--data-vae") + 1] == "separated" and flags[flags.index("--steps") + 1] == "2"
+
+
+def test_the_bench_screens_a_model_from_its_known_misses_first(capsys):
+    """`bench/demo_model.py --screen M --first ROWS` renders only guidance-4 images, the named rows first, and
+    stops at the M-th miss. The bundled model keeps row 1's grey background under `make the background white`
+    (measured on AMD EPYC and on an Intel Xeon with AVX512-BF16, fp32), so one render settles it."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import demo_model
+
+    assert demo_model.main(["--screen", "1", "--first", "1", "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == "screen: 0 right of 1, missed rows [1]"
+    assert lines[0].split()[:2] == ["1", "background"] and "right False" in lines[0]
+
+
+def test_the_bench_screen_names_a_row_it_does_not_have():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import demo_model
+
+    with pytest.raises(SystemExit, match=r"--first 12: rows run from 0 to 11 \(--count 12\)"):
+        demo_model.main(["--screen", "1", "--first", "12"])
