@@ -75,6 +75,15 @@ def recipe_for(control: str, prompt: str, seed: int, steps: int, dtype: str, sch
                   device=device, dtype=dtype, output_format="png", model=rendered()["qwen_image_edit_plus"].name)
 
 
+def held_out_recipe(tmp: str, i: int, scene: task.Scene, edit: task.Edit, args, scheduler: dict
+                    ) -> tuple[Image.Image, Recipe]:
+    """Held-out row i's control image (saved under tmp) and its guidance-4 recipe with the bench's seed."""
+    control = scene.draw()
+    path = str(Path(tmp) / f"control_{i:02d}.png")
+    control.save(path)
+    return control, recipe_for(path, edit.prompt, 1000 + i, args.steps, args.dtype, dict(scheduler), args.device)
+
+
 def mean_abs(a: Image.Image, b: Image.Image) -> float:
     return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).mean())
 
@@ -108,10 +117,7 @@ def main(argv=None) -> int:
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         for i, (scene, edit) in enumerate(held_out(args.count)):
-            control = scene.draw()
-            path = str(Path(tmp) / f"control_{i:02d}.png")
-            control.save(path)
-            base = recipe_for(path, edit.prompt, 1000 + i, args.steps, args.dtype, dict(scheduler), args.device)
+            control, base = held_out_recipe(tmp, i, scene, edit, args, scheduler)
             main_render = render.render(loaded, base)
             plain = render.render(loaded, base.with_fields(guidance=1.0))
             row = {"prompt": edit.prompt, "kind": edit.kind, "right": task.edit_is_right(main_render, scene, edit),
@@ -160,10 +166,7 @@ def screen(loaded, scheduler: dict, args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for i in order:
             scene, edit = edits[i]
-            path = str(Path(tmp) / f"control_{i:02d}.png")
-            scene.draw().save(path)
-            image = render.render(loaded, recipe_for(path, edit.prompt, 1000 + i, args.steps, args.dtype,
-                                                     dict(scheduler), args.device))
+            image = render.render(loaded, held_out_recipe(tmp, i, scene, edit, args, scheduler)[1])
             ok = task.edit_is_right(image, scene, edit)
             right += ok
             missed += [] if ok else [i]
