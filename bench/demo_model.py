@@ -104,6 +104,7 @@ def main(argv=None) -> int:
                    help="guidance-4 renders only, stopping at the M-th missed edit (no other figures)")
     p.add_argument("--first", default="", help="with --screen: comma-separated rows to render first")
     args = p.parse_args(argv)
+    first_rows(args.first, args.count)  # a bad --first fails before the model loads
     torch.set_num_threads(args.threads)
     if not (Path(args.model) / "model_index.json").exists():
         print(f"no demo model at {args.model}: train one with\n"
@@ -155,13 +156,22 @@ def main(argv=None) -> int:
     return 0
 
 
+def first_rows(first: str, count: int) -> list[int]:
+    """`--first`'s rows, each checked against the bench's `--count`."""
+    error = f"--first {first}: rows run from 0 to {count - 1} (--count {count})"
+    try:
+        rows = [int(r) for r in first.split(",") if r.strip()]
+    except ValueError:
+        raise SystemExit(error) from None
+    if any(not 0 <= r < count for r in rows):
+        raise SystemExit(error)
+    return rows
+
+
 def screen(loaded, scheduler: dict, args) -> int:
     """`--screen`: each held-out edit's guidance-4 render, `--first` rows first, until `args.screen` misses."""
     edits = held_out(args.count)
-    first = [int(r) for r in args.first.split(",") if r.strip()]
-    if any(not 0 <= r < len(edits) for r in first):
-        raise SystemExit(f"--first {args.first}: rows run from 0 to {len(edits) - 1} (--count {args.count})")
-    order = list(dict.fromkeys(first + list(range(len(edits)))))
+    order = list(dict.fromkeys(first_rows(args.first, args.count) + list(range(len(edits)))))
     right, missed, start = 0, [], time.time()
     with tempfile.TemporaryDirectory() as tmp:
         for i in order:
