@@ -231,6 +231,29 @@ def _fmt(value, digits: int = 4) -> str:
 # ---- charts ---------------------------------------------------------------------------------------------
 
 
+PASSING = ("match", "explained")  # the verdicts a preview passes with (the plugin's and the CLI's)
+
+
+def step_trend(pts: list[tuple], higher_better: bool, digits: int) -> str:
+    """First to last step in the verdicts' terms: a change of verdict is the trend; a move of the metric while a
+    preview passes at both ends is no worse or better, however small (the thresholds decide, not the metric)."""
+    (s0, first, row0), (s1, last, row1) = pts[0], pts[-1]
+    change = f"{last - first:+.{digits}f}"
+    if float(change) == 0:  # a change below the labels' precision is no trend (rounding-level differences)
+        return f"unchanged (within {0.5 * 10 ** -digits:g})"
+    v0, v1 = row0["verdict"] or "no verdict", row1["verdict"] or "no verdict"
+    pass0, pass1 = v0 in PASSING, v1 in PASSING
+    if pass0 and not pass1:
+        return f"worse: {v0} at step {int(s0)}, {v1} at step {int(s1)} ({change})"
+    if pass1 and not pass0:
+        return f"better: {v0} at step {int(s0)}, {v1} at step {int(s1)} ({change})"
+    if pass0 and pass1:
+        return f"passes at both ends: {v0}, then {v1} ({change})" if v0 != v1 else f"{v0} at both ends ({change})"
+    worse = (last < first) if higher_better else (last > first)
+    ends = f"{v0} at both ends" if v0 == v1 else f"{v0}, then {v1}"
+    return ("worse" if worse else "better") + f" ({change}), {ends}"
+
+
 def step_chart(rows: list[dict], key: str, higher_better: bool, width: int = 300, height: int = 120) -> dict | None:
     """Points of one sample's metric across training steps, in SVG coordinates (None: fewer than 1 value)."""
     pts = [(row["step"], _num(row["r"].get(key)), row) for row in rows]
@@ -255,13 +278,7 @@ def step_chart(rows: list[dict], key: str, higher_better: bool, width: int = 300
     sy = lambda v: top + (v1 - v) / (v1 - v0) * (height - top - bottom)  # noqa: E731
     points = [{"x": round(sx(s), 1), "y": round(sy(v), 1), "step": int(s), "value": v, "anchor": row["anchor"],
                "vclass": row["vclass"], "verdict": row["verdict"]} for s, v, row in pts]
-    first, last = values[0], values[-1]
-    worse = (last < first) if higher_better else (last > first)
-    change = f"{last - first:+.{digits}f}"
-    if float(change) == 0:  # a change below the labels' precision is no trend (rounding-level differences)
-        trend = f"unchanged (within {0.5 * 10 ** -digits:g})"
-    else:
-        trend = ("worse" if worse else "better") + f" ({change})"
+    trend = step_trend(pts, higher_better, digits)
     return {"width": width, "height": height, "points": points,
             "path": " ".join(f"{'M' if i == 0 else 'L'}{p['x']},{p['y']}" for i, p in enumerate(points)),
             "ymin": v0 + pad, "ymax": v1 - pad, "y_top": round(sy(v1 - pad), 1), "y_bottom": round(sy(v0 + pad), 1),

@@ -305,14 +305,31 @@ def test_size_of_a_100_preview_report_at_1024(tmp_path):
 def test_step_chart_names_a_trend_only_above_the_labels_precision():
     from parity.report import step_chart
 
-    def rows(values, key="ssim"):
-        return [{"step": s, "r": {key: v}, "anchor": f"p{s}", "vclass": "pass", "verdict": "match"}
-                for s, v in zip((0, 10, 20), values)]
+    def rows(values, key="ssim", verdicts=("match",) * 3):
+        return [{"step": s, "r": {key: v}, "anchor": f"p{s}", "vclass": "pass", "verdict": verdict}
+                for s, v, verdict in zip((0, 10, 20), values, verdicts)]
 
     same = step_chart(rows([0.9999981, 0.9999990, 0.9999983]), "ssim", higher_better=True)
     assert same["digits"] == 6 and same["trend"].startswith("unchanged")
     assert same["x_left"] >= 6 * len("0.999999") + 10  # the six-decimal axis labels fit left of the plot
-    worse = step_chart(rows([0.95, 0.93, 0.91]), "ssim", higher_better=True)
-    assert worse["trend"] == "worse (-0.040)" and worse["x_left"] == 46
-    better = step_chart(rows([0.3, 0.2, 0.1], "lpips"), "lpips", higher_better=False)
-    assert better["trend"] == "better (-0.200)"
+    failing = ("mismatch",) * 3
+    worse = step_chart(rows([0.95, 0.93, 0.91], verdicts=failing), "ssim", higher_better=True)
+    assert worse["trend"] == "worse (-0.040), mismatch at both ends" and worse["x_left"] == 46
+    better = step_chart(rows([0.3, 0.2, 0.1], "lpips", verdicts=failing), "lpips", higher_better=False)
+    assert better["trend"] == "better (-0.200), mismatch at both ends"
+
+
+def test_step_chart_judges_a_trend_by_the_verdicts_not_by_a_move_within_them():
+    from parity.report import step_chart
+
+    def rows(values, verdicts):
+        return [{"step": s, "r": {"ssim": v}, "anchor": f"p{s}", "vclass": "pass", "verdict": verdict}
+                for s, v, verdict in zip((0, 500, 1000), values, verdicts)]
+
+    # two matching previews 3e-6 apart (above the labels' six decimals): no "worse", the preview passes throughout
+    tiny = step_chart(rows([0.999990, 0.999995, 0.999987], ("match",) * 3), "ssim", higher_better=True)
+    assert tiny["trend"] == "match at both ends (-0.000003)"
+    crossed = step_chart(rows([0.97, 0.9, 0.8], ("match", "mismatch", "mismatch")), "ssim", higher_better=True)
+    assert crossed["trend"] == "worse: match at step 0, mismatch at step 1000 (-0.170)"
+    mended = step_chart(rows([0.8, 0.9, 0.97], ("mismatch", "match", "explained")), "ssim", higher_better=True)
+    assert mended["trend"] == "better: mismatch at step 0, explained at step 1000 (+0.170)"
