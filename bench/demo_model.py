@@ -20,7 +20,8 @@ The last line reads `demo model: edit_accuracy A resemblance R guidance_effect G
 
 `--screen M` judges a candidate model quickly instead: the guidance-4 render of each held-out edit only (rows
 named by `--first` first, then the rest in order), stopping at the M-th miss, since with `--count 12` a third
-miss already puts edit accuracy under its target. Its last line reads `screen: R right of N, missed rows [...]`.
+miss already puts edit accuracy under its target. Its last line reads `screen: R right of N, missed rows [...]`
+(with `--json`, the same as `{"screen": {...}}`).
 """
 
 from __future__ import annotations
@@ -185,6 +186,10 @@ def screen(loaded, scheduler: dict, args) -> int:
             if len(missed) >= args.screen:
                 break
     print(f"screen: {right} right of {right + len(missed)}, missed rows {missed}")
+    if args.json:  # what seed_search.py ranks runs by; `complete`: every row judged, fewer than M missed
+        result = {"right": right, "judged": right + len(missed), "missed": missed, "count": len(edits),
+                  "stop_at": args.screen, "complete": len(missed) < args.screen}
+        Path(args.json).write_text(json.dumps({"screen": result}, indent=1))
     return 0
 
 

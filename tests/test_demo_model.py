@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -393,9 +394,10 @@ def test_the_transformer_can_be_trained_on_the_separated_vae_from_the_start(tmp_
     assert "vae-separated" in missing.stderr and "separate" in missing.stderr
 
 
-def test_a_transformer_seed_trains_another_transformer_on_the_same_vae(tmp_path):
+def test_a_transformer_seed_trains_another_transformer_on_the_same_vae(tmp_path, capsys):
     """`--transformer-seed` reseeds the data and transformer stages only: the same VAE and text encoder, another
-    transformer; seed_search's `--vae-from` sets up such runs from a checkpoint."""
+    transformer. seed_search's `--vae-from` sets up such runs from a checkpoint, `--recipe` takes a checkpoint's
+    arguments (here the small one's), and `--screen` judges each run with the bench's screen and keeps the best."""
     import seed_search
 
     small = ["--threads", "1", "--vae-steps", "2", "--vae-batch", "2", "--vae-eval", "0", "--stat-scenes", "2",
@@ -404,10 +406,18 @@ def test_a_transformer_seed_trains_another_transformer_on_the_same_vae(tmp_path)
     base = tmp_path / "base"
     subprocess.run([sys.executable, str(TRAIN), "--out", str(base), *small, "--stages", seed_search.STAGES], check=True,
                    capture_output=True, cwd=ROOT)
-    other = tmp_path / "other"
-    seed_search.start_from(base, tmp_path / "other.work", "separated")
-    subprocess.run([sys.executable, str(TRAIN), "--out", str(other), *small, "--transformer-seed", "5",
-                    "--stages", seed_search.LATE_STAGES], check=True, capture_output=True, cwd=ROOT)
+    work, keep = tmp_path / "search", tmp_path / "keep"
+    assert seed_search.main(["--seeds", "5", "--work", str(work), "--recipe", str(base / "training.json"),
+                             "--vae-from", str(base), "--threads", "1", "--screen", "1", "--first", "1",
+                             "--bench-count", "2", "--bench-steps", "2", "--keep", "1", "--keep-dir", str(keep)]) == 0
+    out = capsys.readouterr().out
+    screened = json.loads((work / "seed-5.screen.json").read_text())["screen"]
+    assert screened["count"] == 2 and screened["stop_at"] == 1 and 1 <= screened["judged"] <= 2
+    assert screened["complete"] == (screened["missed"] == []) and set(screened["missed"]) <= {0, 1}
+    assert f"seed-5 screened: screen {screened['right']} right of {screened['judged']}" in out
+    with tarfile.open(keep / "seed-5.tar.gz") as tar:
+        assert {"seed-5/model_index.json", "seed-5.screen.json"} <= set(tar.getnames())
+    other = work / "seed-5"
     weights = "diffusion_pytorch_model.safetensors"
     assert (other / "vae" / weights).read_bytes() == (base / "vae" / weights).read_bytes()
     assert (other / "text_encoder" / "model.safetensors").read_bytes() == \
@@ -422,17 +432,20 @@ def test_a_transformer_seed_trains_another_transformer_on_the_same_vae(tmp_path)
     assert flags[flags.index("--data-vae") + 1] == "separated" and flags[flags.index("--steps") + 1] == "2"
 
 
-def test_the_bench_screens_a_model_from_its_known_misses_first(capsys):
+def test_the_bench_screens_a_model_from_its_known_misses_first(capsys, tmp_path):
     """`bench/demo_model.py --screen M --first ROWS` renders only guidance-4 images, the named rows first, and
     stops at the M-th miss. The bundled model keeps row 1's grey background under `make the background white`
     (measured on AMD EPYC and on an Intel Xeon with AVX512-BF16, fp32), so one render settles it."""
     sys.path.insert(0, str(ROOT / "bench"))
     import demo_model
 
-    assert demo_model.main(["--screen", "1", "--first", "1", "--threads", "1"]) == 0
+    out = tmp_path / "screen.json"
+    assert demo_model.main(["--screen", "1", "--first", "1", "--threads", "1", "--json", str(out)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == "screen: 0 right of 1, missed rows [1]"
     assert lines[0].split()[:2] == ["1", "background"] and "right False" in lines[0]
+    assert json.loads(out.read_text())["screen"] == {"right": 0, "judged": 1, "missed": [1], "count": 12,
+                                                      "stop_at": 1, "complete": False}
 
 
 def test_the_bench_screen_names_a_row_it_does_not_have():

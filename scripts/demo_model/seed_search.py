@@ -1,7 +1,7 @@
 """Train the bundled demo model's recipe from several seeds side by side and bench each one.
 
     python scripts/demo_model/seed_search.py --seeds 1,2,3 --device cuda --work /tmp/seeds [--repeat 1]
-        [--vae-from DIR] [--keep 2 --keep-dir DIR] [--deadline 540]
+        [--vae-from DIR] [--keep 2 --keep-dir DIR] [--deadline 540] [--screen 3 --first 1,11,4]
 
 The recipe is the bundled checkpoint's: every argument in its `training.json` but the seed, threads and device,
 with the stages of the README's command. Each seed trains in its own process (`train.py --seed S`) into
@@ -15,6 +15,10 @@ checkpoints (those that meet all four targets first) are packed as `<keep-dir>/s
 figures, and every run's bench figures and logs as `<keep-dir>/runs.tar.gz`. Other arguments go to
 train.py after the recipe's (a quick check: `--vae-steps 2 --scenes 4 ...`).
 Processes still running at `--deadline` seconds are stopped (their seeds are reported as unfinished).
+`--screen M [--first ROWS]` screens each run instead of benching it (`bench/demo_model.py --screen`: guidance-4
+renders only, stopping at the M-th missed edit; minutes on a CPU where the whole bench takes most of an hour); with
+the bench's 12 edits and M = 3 a run that finishes the screen meets the edit-accuracy target, and those are ranked
+first and kept; their other three figures still need the whole bench.
 The bench figures of a GPU run screen seeds; the README's are measured on the CPU.
 """
 
@@ -75,6 +79,19 @@ def rank(figures: dict) -> tuple:
     return (met, figures["edit_accuracy"], min(figures[k] / v for k, v in TARGETS.items()))
 
 
+def describe(result: dict) -> str:
+    """One line of a run's bench figures (`all four met` when they are) or of its screen."""
+    if "judged" in result:
+        return (f"screen {result['right']} right of {result['judged']}, missed rows {result['missed']}"
+                + ("  edit accuracy met (every edit judged)" if result["complete"] else ""))
+    return " ".join(f"{k} {v:.3f}" for k, v in result.items()) + ("  all four met" if rank(result)[0] else "")
+
+
+def screen_rank(result: dict) -> tuple:
+    """Sort key of a screen: every edit judged before the M-th miss, then the share right of those judged."""
+    return (result["complete"], result["right"] / max(result["judged"], 1), result["judged"])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", required=True, help="comma-separated seeds")
@@ -91,6 +108,10 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", type=float, default=None, help="seconds after which running processes stop")
     p.add_argument("--bench-count", type=int, default=12, help="the bench's --count")
     p.add_argument("--bench-steps", type=int, default=25, help="the bench's --steps")
+    p.add_argument("--screen", type=int, default=None, metavar="M",
+                   help="screen each run (the bench's --screen M: guidance-4 renders, stop at the M-th miss) "
+                        "instead of the whole bench")
+    p.add_argument("--first", default="", help="with --screen: the rows to render first (the bench's --first)")
     args, extra = p.parse_known_args(argv)  # anything else goes to train.py after the recipe's flags
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -112,6 +133,9 @@ def main(argv=None) -> int:
                "--device", args.device, "--stages", stages, *flags]
         training[name] = subprocess.Popen(cmd, stdout=open(work / f"{name}.train.log", "w"), stderr=subprocess.STDOUT)
     print(f"training {len(runs)} runs: {' '.join(flags)}", flush=True)
+    kind = "screen" if args.screen is not None else "bench"
+    judge = (["--screen", str(args.screen)] + (["--first", args.first] if args.first else [])
+             if args.screen is not None else [])
     while training or benching:
         time.sleep(2)
         elapsed = time.time() - start
@@ -123,31 +147,29 @@ def main(argv=None) -> int:
             if proc.returncode == 0:
                 cmd = [sys.executable, str(REPO / "bench/demo_model.py"), "--model", str(work / name),
                        "--device", args.device, "--threads", str(args.threads), "--count", str(args.bench_count),
-                       "--steps", str(args.bench_steps),
-                       "--json", str(work / f"{name}.bench.json")]
-                benching[name] = subprocess.Popen(cmd, stdout=open(work / f"{name}.bench.log", "w"),
+                       "--steps", str(args.bench_steps), *judge,
+                       "--json", str(work / f"{name}.{kind}.json")]
+                benching[name] = subprocess.Popen(cmd, stdout=open(work / f"{name}.{kind}.log", "w"),
                                                   stderr=subprocess.STDOUT)
         for name, proc in list(benching.items()):
             if proc.poll() is None:
                 continue
             del benching[name]
-            result = work / f"{name}.bench.json"
+            result = work / f"{name}.{kind}.json"
             if proc.returncode == 0 and result.exists():
-                done[name] = json.loads(result.read_text())["figures"]
-                print(f"{elapsed:5.0f} s  {name} benched: " +
-                      " ".join(f"{k} {v:.3f}" for k, v in done[name].items()), flush=True)
+                done[name] = json.loads(result.read_text())["screen" if args.screen is not None else "figures"]
+                print(f"{elapsed:5.0f} s  {name} {kind}ed: {describe(done[name])}", flush=True)
             else:
-                print(f"{elapsed:5.0f} s  {name} bench failed (exit {proc.returncode})", flush=True)
+                print(f"{elapsed:5.0f} s  {name} {kind} failed (exit {proc.returncode})", flush=True)
         if args.deadline and elapsed > args.deadline:
             for name, proc in {**training, **benching}.items():
                 proc.kill()
                 print(f"{elapsed:5.0f} s  {name} stopped at the deadline", flush=True)
             break
-    print("\nseed run, bench figures (device " + args.device + "), best first:")
-    best = sorted(done, key=lambda n: rank(done[n]), reverse=True)
+    print(f"\nseed run, {kind} figures (device " + args.device + "), best first:")
+    best = sorted(done, key=lambda n: (screen_rank if args.screen is not None else rank)(done[n]), reverse=True)
     for name in best:
-        print(f"  {name:16s} " + " ".join(f"{k} {v:.3f}" for k, v in done[name].items())
-              + ("  all four met" if rank(done[name])[0] else ""))
+        print(f"  {name:16s} {describe(done[name])}")
     for seed, name in runs:
         if name not in done:
             print(f"  {name:16s} unfinished (see {work / (name + '.train.log')})")
@@ -163,10 +185,10 @@ def main(argv=None) -> int:
         for name in [n for n in best if not n.endswith("-again")][: args.keep]:
             with tarfile.open(keep / f"{name}.tar.gz", "w:gz") as tar:
                 tar.add(work / name, arcname=name)
-                tar.add(work / f"{name}.bench.json", arcname=f"{name}.bench.json")
+                tar.add(work / f"{name}.{kind}.json", arcname=f"{name}.{kind}.json")
             print("kept", keep / f"{name}.tar.gz")
         with tarfile.open(keep / "runs.tar.gz", "w:gz") as tar:
-            for path in sorted(work.glob("*.log")) + sorted(work.glob("*.bench.json")):
+            for path in sorted(work.glob("*.log")) + sorted(work.glob(f"*.{kind}.json")):
                 tar.add(path, arcname=path.name)
     return 0
 
