@@ -61,6 +61,46 @@ def test_an_edit_changes_only_its_region():
         assert changed.any() and not (changed & task.untouched_mask(scene, edit)).any()
 
 
+def test_a_favoured_background_edit_is_drawn_more_often():
+    """`Favour` (train.py --favour): on a grey scene `make the background white` is drawn with the given extra
+    chance; other scenes, and every draw without it, are as before (the bundled model's data is unchanged)."""
+    def shares(favour):
+        rng, counts, n = random.Random(7), {}, 0
+        for _ in range(4000):
+            scene = task.random_scene(rng)
+            edit = task.random_edit(scene, rng, favour=favour)
+            n += 1
+            if edit.kind == "background":
+                key = (scene.background, edit.colour)
+                counts[key] = counts.get(key, 0) + 1
+                assert edit.prompt == f"make the background {edit.colour}" and edit.target.background == edit.colour
+        return {k: v / n for k, v in counts.items()}
+
+    plain, favoured = shares(None), shares(task.Favour.parse("grey:white:0.3"))
+    # uniform draw: each of the six background changes ~ 1/3 * 0.35 * 1/2 = 5.8 %; favoured: + 1/3 * 0.3 * 0.825
+    assert 0.045 < plain[("grey", "white")] < 0.075
+    assert 0.12 < favoured[("grey", "white")] < 0.16
+    assert favoured[("grey", "black")] < plain[("grey", "black")]
+    assert abs(favoured[("white", "black")] - plain[("white", "black")]) < 0.02
+    anyway = shares(task.Favour.parse("grey:any:0.5"))
+    assert anyway[("grey", "black")] > 0.09 and anyway[("grey", "white")] > 0.09
+
+    a, b = random.Random(1), random.Random(1)
+    for _ in range(200):
+        scene = task.random_scene(a)
+        assert task.random_scene(b) == scene
+        assert task.random_edit(scene, a) == task.random_edit(scene, b, favour=None)
+
+
+@pytest.mark.parametrize("text, says", [("grey:white", "SOURCE:TARGET:SHARE"), ("grey:grey:0.3", "two different"),
+                                        ("pink:white:0.3", "two different"), ("grey:white:1.5", "(0, 1]")])
+def test_a_bad_favour_is_refused_before_training(tmp_path, text, says):
+    run = subprocess.run([sys.executable, str(TRAIN), "--out", str(tmp_path / "m"), "--favour", text],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == 2 and "--favour" in run.stderr and says in run.stderr
+    assert not (tmp_path / "m.work").exists()
+
+
 def _train(out: Path) -> dict[str, str]:
     small = ["--threads", "1", "--vae-steps", "2", "--vae-batch", "2", "--vae-eval", "0", "--stat-scenes", "2",
              "--colour-steps", "2", "--scenes", "3", "--steps", "3", "--batch", "2", "--more-steps", "2",
@@ -392,6 +432,16 @@ def test_the_transformer_can_be_trained_on_the_separated_vae_from_the_start(tmp_
                              capture_output=True, text=True, cwd=ROOT)
     assert missing.returncode != 0
     assert "vae-separated" in missing.stderr and "separate" in missing.stderr
+
+    # --favour: the data stage draws grey-to-white edits more often and records the flag
+    favoured = tmp_path / "f.work"
+    for stage in ("vae-separated", "text_encoder"):
+        shutil.copytree(work / stage, favoured / stage)
+    subprocess.run([sys.executable, str(TRAIN), "--out", str(tmp_path / "f"), *small, "--scenes", "12",
+                    "--favour", "grey:white:1", "--stages", "data"], check=True, capture_output=True, cwd=ROOT)
+    record = json.loads((favoured / "data.json").read_text())
+    assert record["favour"] == "grey:white:1" and "make the background white" in record["prompts"]
+    assert "favour" not in json.loads((work / "data.json").read_text())
 
 
 def test_a_transformer_seed_trains_another_transformer_on_the_same_vae(tmp_path, capsys):

@@ -124,14 +124,51 @@ def random_scene(rng: random.Random) -> Scene:
     return Scene(rng.choice(sorted(BACKGROUNDS)), tuple(shapes))
 
 
+def background_edit(scene: Scene, colour: str) -> Edit:
+    return Edit("background", f"make the background {colour}", replace(scene, background=colour), colour=colour)
+
+
+@dataclass(frozen=True)
+class Favour:
+    """Background edits drawn more often than `random_edit`'s weights give them: on a scene whose background is
+    `source`, an edit is `make the background <target>` with chance `share` (`target` "any": one of the other
+    two backgrounds, uniformly), else the usual draw. Parsed from `SOURCE:TARGET:SHARE`, e.g. `grey:white:0.3`."""
+
+    source: str
+    target: str
+    share: float
+
+    @classmethod
+    def parse(cls, text: str) -> "Favour":
+        parts = text.split(":")
+        if len(parts) != 3:
+            raise ValueError(f"--favour {text!r}: expected SOURCE:TARGET:SHARE, e.g. grey:white:0.3")
+        source, target, share = parts
+        if source not in BACKGROUNDS or (target != "any" and target not in BACKGROUNDS) or target == source:
+            raise ValueError(f"--favour {text!r}: SOURCE and TARGET are two different backgrounds of "
+                             f"{sorted(BACKGROUNDS)} (TARGET may be 'any')")
+        try:
+            value = float(share)
+        except ValueError:
+            value = -1.0
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"--favour {text!r}: SHARE is a number in (0, 1]")
+        return cls(source, target, value)
+
+
 def random_edit(scene: Scene, rng: random.Random, kinds: tuple[str, ...] = EDITS,
-                weights: tuple[float, ...] = (0.45, 0.35, 0.2)) -> Edit:
+                weights: tuple[float, ...] = (0.45, 0.35, 0.2), favour: Favour | None = None) -> Edit:
+    """One edit of `scene`: a kind drawn with `weights`, then its colour. With `favour` (see `Favour`) an edit
+    of a scene on its source background is first drawn to be the favoured one; without it the draws are the
+    same as they always were (the bundled model's data)."""
+    if favour is not None and scene.background == favour.source and rng.random() < favour.share:
+        others = [c for c in sorted(BACKGROUNDS) if c != scene.background]
+        return background_edit(scene, rng.choice(others) if favour.target == "any" else favour.target)
     kind = rng.choices(kinds, weights=weights[: len(kinds)])[0]
     if kind == "none":
         return Edit("none", "", scene)
     if kind == "background":
-        colour = rng.choice([c for c in sorted(BACKGROUNDS) if c != scene.background])
-        return Edit(kind, f"make the background {colour}", replace(scene, background=colour), colour=colour)
+        return background_edit(scene, rng.choice([c for c in sorted(BACKGROUNDS) if c != scene.background]))
     colour = rng.choice(sorted(SHAPE_COLOURS))  # shapes differ in colour: every choice changes one at least
     shapes = tuple(replace(s, colour=colour) for s in scene.shapes)
     return Edit(kind, f"make the shapes {colour}", replace(scene, shapes=shapes), colour=colour)

@@ -17,6 +17,7 @@ Stages, each kept under `--work` so an interrupted run resumes at the stage it w
    stock `__call__` passes it (PIL) for the other half, and for each scene the null prompt's embeddings with
    its control image (for CFG dropout). Control and target share one size (256-512 px), so control tokens
    line up with target tokens, as they do when a render's size is the control's VAE size.
+   `--favour grey:white:0.3` draws that background edit more often than the plain draw (`task.Favour`).
 3. `transformer`: QwenImageTransformer2DModel trained with flow matching (x_t = (1-s) x_0 + s noise, target
    noise - x_0) on the target tokens of the pipeline's sequence [target tokens, control tokens] with its
    `img_shapes` and text mask, sigmas drawn through the scheduler's shift for a ~1024 px render, a share of
@@ -474,6 +475,7 @@ def make_data(args, work: Path, vae: str = "vae-colour", folder: Path | None = N
     folder.mkdir(parents=True, exist_ok=True)
     pipe = make_pipeline(work, vae=vae).to(DEVICE)
     rng = seeded(args.seed, "data")
+    favour = task.Favour.parse(args.favour) if args.favour else None
     sizes, shares = zip(*TRAIN_SIZES)
     buckets: dict[int, dict[str, list]] = {s: {"control": [], "target": [], "prompt": [], "words": [], "null": []}
                                            for s in sizes}
@@ -483,7 +485,7 @@ def make_data(args, work: Path, vae: str = "vae-colour", folder: Path | None = N
         for i in range(args.scenes):
             scene = task.random_scene(rng)
             size = rng.choices(sizes, weights=shares)[0]
-            edits = [task.random_edit(scene, rng) for _ in range(args.edits_per_scene)]
+            edits = [task.random_edit(scene, rng, favour=favour) for _ in range(args.edits_per_scene)]
             control = scene.draw()
             latents = packed_latents(pipe, [upsampled(scene, size)] + [upsampled(e.target, size) for e in edits])
             # The null prompt with this control image: what a pair's prompt is replaced by when it is dropped.
@@ -514,7 +516,8 @@ def make_data(args, work: Path, vae: str = "vae-colour", folder: Path | None = N
                    "words": torch.tensor(bucket["words"], dtype=torch.int64)},
                   str(folder / f"data_{size}.safetensors"))
     (folder / "data.json").write_text(json.dumps({
-        "scenes": args.scenes, "data_vae": vae, "pairs": len(prompts), "seconds": round(time.time() - start, 1),
+        "scenes": args.scenes, "data_vae": vae, "pairs": len(prompts),
+        **({"favour": args.favour} if args.favour else {}), "seconds": round(time.time() - start, 1),
         "pairs_per_size": {str(s): len(b["prompt"]) for s, b in buckets.items()},
         "prompts": sorted(set(prompts))[:20]}, indent=1))
     log("data: done", len(prompts), "pairs")
@@ -1102,6 +1105,9 @@ def main(argv=None) -> int:
                         "before the data stage) stage 3c's, so the transformer is trained on it from the start")
     p.add_argument("--scenes", type=int, default=1000)
     p.add_argument("--edits-per-scene", type=int, default=2)
+    p.add_argument("--favour", default=None, metavar="SOURCE:TARGET:SHARE",
+                   help="data stage: on a SOURCE-background scene an edit is 'make the background TARGET' with "
+                        "chance SHARE (task.Favour; e.g. grey:white:0.3); default: the plain edit draw")
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch", type=int, default=8, help="pairs per batch at 256 px (fewer at larger sizes)")
     p.add_argument("--lr", type=float, default=6e-4)
@@ -1136,6 +1142,11 @@ def main(argv=None) -> int:
     p.add_argument("--retune-drop", type=float, default=None,
                    help="--drop while retuning (default: --drop; see train_retune)")
     args = p.parse_args(argv)
+    if args.favour:
+        try:
+            task.Favour.parse(args.favour)
+        except ValueError as err:
+            p.error(str(err))
     torch.set_num_threads(args.threads)
     use_device(args.device)
     work = Path(args.work or args.out + ".work")
