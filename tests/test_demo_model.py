@@ -447,7 +447,8 @@ def test_the_transformer_can_be_trained_on_the_separated_vae_from_the_start(tmp_
 def test_a_transformer_seed_trains_another_transformer_on_the_same_vae(tmp_path, capsys):
     """`--transformer-seed` reseeds the data and transformer stages only: the same VAE and text encoder, another
     transformer. seed_search's `--vae-from` sets up such runs from a checkpoint, `--recipe` takes a checkpoint's
-    arguments (here the small one's), and `--screen` judges each run with the bench's screen and keeps the best."""
+    arguments (here the small one's), and `--screen` judges each run with the bench's screen and keeps the best.
+    Each run's training.json says where its VAE came from."""
     import seed_search
 
     small = ["--threads", "1", "--vae-steps", "2", "--vae-batch", "2", "--vae-eval", "0", "--stat-scenes", "2",
@@ -476,6 +477,10 @@ def test_a_transformer_seed_trains_another_transformer_on_the_same_vae(tmp_path,
     record = json.loads((other / "training.json").read_text())
     assert record["seed"] == 0 and record["arguments"]["transformer_seed"] == 5
     assert record["device"]  # the CPU's name on a CPU run
+    # where the VAE and text encoder came from: the base's own record of their stages, not of its transformer
+    source = record["vae_from"]
+    assert source["checkpoint"] == "base" and source["vae_steps"] == 2 and source["seed"] == 0
+    assert "transformer_steps" not in source and "arguments" not in source
 
     flags = seed_search.recipe_flags(base / "training.json")
     assert "--seed" not in flags and "--threads" not in flags and "--transformer-seed" not in flags

@@ -9,7 +9,8 @@ with the stages of the README's command. Each seed trains in its own process (`t
 `--json` kept beside it). `--repeat S` trains seed S a second time (`<work>/seed-S-again`) and compares the two
 checkpoints' weights, which tells whether training on that device is deterministic. `--vae-from DIR` starts every
 run from DIR's VAE and text encoder and trains only the data and transformer stages, the seeds given as
-`--transformer-seed` (the recipe's `--seed` kept). At the end the seeds are
+`--transformer-seed` (the recipe's `--seed` kept), and each run's training.json records DIR's own record of those
+stages under `vae_from`. At the end the seeds are
 printed best first (edit accuracy, then the other figures' margins over their targets), and the best `--keep`
 checkpoints (those that meet all four targets first) are packed as `<keep-dir>/seed-S.tar.gz` with their bench
 figures, and every run's bench figures and logs as `<keep-dir>/runs.tar.gz`. Other arguments go to
@@ -59,6 +60,21 @@ def start_from(checkpoint: Path, stage_work: Path, data_vae: str) -> None:
                         ("text_encoder", "text_encoder")):
         if not (stage_work / stage / "config.json").exists():
             shutil.copytree(checkpoint / part, stage_work / stage, dirs_exist_ok=True)
+
+
+PROVENANCE = ("seed", "threads", "torch", "machine", "cpu", "device")
+
+
+def note_vae_source(run: Path, checkpoint: Path) -> None:
+    """Record in `run`'s training.json where its VAE and text encoder came from: under `vae_from`, the
+    checkpoint's own record of them (seed, machine and the VAE, colour, separate and encoder stages' figures,
+    which a run of the late stages alone does not make), so that a run bundled as is still says how every part
+    of it was made."""
+    record = json.loads((run / "training.json").read_text())
+    source = json.loads((checkpoint / "training.json").read_text())
+    record["vae_from"] = source.get("vae_from") or {  # a run from a run: the VAE's first record
+        "checkpoint": checkpoint.name, **{k: v for k, v in source.items() if k in PROVENANCE or k not in record}}
+    (run / "training.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
 def weights_digest(model: Path) -> str:
@@ -144,6 +160,8 @@ def main(argv=None) -> int:
                 continue
             del training[name]
             print(f"{elapsed:5.0f} s  {name} trained (exit {proc.returncode})", flush=True)
+            if proc.returncode == 0 and args.vae_from:
+                note_vae_source(work / name, Path(args.vae_from))
             if proc.returncode == 0:
                 cmd = [sys.executable, str(REPO / "bench/demo_model.py"), "--model", str(work / name),
                        "--device", args.device, "--threads", str(args.threads), "--count", str(args.bench_count),
