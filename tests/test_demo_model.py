@@ -205,6 +205,29 @@ def test_the_reader_head_makes_the_prompts_last_word_count(tmp_path):
 DEMO = ROOT / "cases" / "workspace" / "aitk" / "demo-qwen-image-edit-2509"
 
 
+CANDIDATE = ROOT / "scripts" / "demo_model" / "candidate"
+
+
+def test_the_candidate_is_the_bundled_vae_and_text_encoder_with_a_transformer_of_the_favoured_recipe():
+    """The next model to bundle (README, "The demo model") loads as the bundled one does; its VAE and text encoder
+    are the bundled model's byte for byte, as its training.json's `vae_from` says, and its recipe is the bundled
+    one plus `--favour grey:any:0.5`."""
+    import torch
+    from diffusers import QwenImageEditPlusPipeline
+
+    QwenImageEditPlusPipeline.from_pretrained(CANDIDATE, torch_dtype=torch.float32, local_files_only=True)
+    for part in ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        assert (CANDIDATE / part).read_bytes() == (DEMO / part).read_bytes(), part
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    assert (CANDIDATE / weights).read_bytes() != (DEMO / weights).read_bytes()
+    record, bundled = (json.loads((m / "training.json").read_text()) for m in (CANDIDATE, DEMO))
+    assert record["vae_from"]["checkpoint"] == DEMO.name
+    assert record["vae_from"]["vae_psnr_held_out_1024"] == bundled["vae_psnr_held_out_1024"]
+    differ = {k for k in record["arguments"].keys() | bundled["arguments"].keys()
+              if record["arguments"].get(k) != bundled["arguments"].get(k)}
+    assert differ <= {"favour", "transformer_seed", "threads", "device"} and record["arguments"]["favour"] == "grey:any:0.5"
+
+
 def test_the_bundled_demo_model_loads_and_reads_its_prompt():
     """The bundled checkpoint loads as the real one does (at most 40 MB), and its transformer's prediction
     depends on which edit and which colour the prompt names."""
