@@ -135,6 +135,25 @@ def test_collect_copies_the_output_and_the_sample_controls_with_workspace_paths(
         "scene_a.png", "scene_b.png", "scene_wide.png"]
 
 
+def test_a_re_recording_replaces_the_output_and_keeps_the_cases_parity_yaml(tmp_path):
+    """Recording a job again replaces what the previous recording wrote (a preview it no longer renders is gone)
+    but keeps the `parity.yaml` written by hand in the case folder."""
+    rf = recorder()
+    ws, out = tmp_path / "ws", tmp_path / "out"
+    job = yaml.safe_load((RECORDINGS / "demo_qwen_image_lora.yaml").read_text())
+    run = ws / "aitk/output/demo_qwen_image_lora"
+    (run / "samples").mkdir(parents=True)
+    (run / "samples" / "2__000000002_0.jpg").write_bytes(b"new")
+    (run / "config.yaml").write_text(rf.to_local(yaml.safe_dump(job), ws))
+    case = out / "aitk/output/demo_qwen_image_lora"
+    (case / "samples").mkdir(parents=True)
+    (case / "samples" / "1__000000000_0.jpg").write_bytes(b"old")
+    (case / "parity.yaml").write_text("accept: [cfg_norm]\n")
+    rf.collect(job, ws, out, set())
+    assert sorted(p.name for p in (case / "samples").iterdir()) == ["2__000000002_0.jpg"]
+    assert (case / "parity.yaml").read_text() == "accept: [cfg_norm]\n"
+
+
 def test_a_folder_that_is_not_ai_toolkit_is_refused(tmp_path, capsys):
     rf = recorder()
     with pytest.raises(SystemExit):
