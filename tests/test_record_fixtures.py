@@ -115,14 +115,21 @@ def test_a_call_that_raises_is_recorded_with_its_error_and_raised_again(tmp_path
     assert trace.controls == {"/workspace/aitk/data/sample_ctrl/scene_wide.png"}  # copied with the case
 
 
+def finished_run(rf, ws, name: str, preview: str, content: bytes) -> dict:
+    """What ai-toolkit leaves in the scratch workspace after job `name`: its config with local paths and one
+    preview. Returns the job."""
+    job = yaml.safe_load((RECORDINGS / f"{name}.yaml").read_text())
+    run = ws / "aitk/output" / name
+    (run / "samples").mkdir(parents=True)
+    (run / "samples" / preview).write_bytes(content)
+    (run / "config.yaml").write_text(rf.to_local(yaml.safe_dump(job), ws))
+    return job
+
+
 def test_collect_copies_the_output_and_the_sample_controls_with_workspace_paths(tmp_path):
     rf = recorder()
     ws, out = tmp_path / "ws", tmp_path / "out"
-    job = yaml.safe_load((RECORDINGS / "demo_qwen_image_edit_plus_lora_v1.yaml").read_text())
-    run = ws / "aitk/output/demo_qwen_image_edit_plus_lora_v1"
-    (run / "samples").mkdir(parents=True)
-    (run / "samples" / "1__000000000_0.jpg").write_bytes(b"jpeg")
-    (run / "config.yaml").write_text(rf.to_local(yaml.safe_dump(job), ws))
+    job = finished_run(rf, ws, "demo_qwen_image_edit_plus_lora_v1", "1__000000000_0.jpg", b"jpeg")
     (ws / "aitk/data/sample_ctrl").mkdir(parents=True)
     for name in ("scene_a", "scene_b", "scene_wide"):
         Image.new("RGB", (8, 8)).save(ws / f"aitk/data/sample_ctrl/{name}.png")
@@ -140,11 +147,7 @@ def test_a_re_recording_replaces_the_output_and_keeps_the_cases_parity_yaml(tmp_
     but keeps the `parity.yaml` written by hand in the case folder."""
     rf = recorder()
     ws, out = tmp_path / "ws", tmp_path / "out"
-    job = yaml.safe_load((RECORDINGS / "demo_qwen_image_lora.yaml").read_text())
-    run = ws / "aitk/output/demo_qwen_image_lora"
-    (run / "samples").mkdir(parents=True)
-    (run / "samples" / "2__000000002_0.jpg").write_bytes(b"new")
-    (run / "config.yaml").write_text(rf.to_local(yaml.safe_dump(job), ws))
+    job = finished_run(rf, ws, "demo_qwen_image_lora", "2__000000002_0.jpg", b"new")
     case = out / "aitk/output/demo_qwen_image_lora"
     (case / "samples").mkdir(parents=True)
     (case / "samples" / "1__000000000_0.jpg").write_bytes(b"old")
