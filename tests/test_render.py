@@ -178,7 +178,12 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("run", ["demo_qwen_edit_plus_qfloat8", "demo_qwen_edit_plus_uint3_ara"])
+# the quantization's own effect on the demo model's preview: qfloat8 whole levels (mean 9.1 measured), uint3 with
+# its accuracy recovery adapter within a level (mean 0.57 measured)
+QUANTIZATION_EFFECT = {"demo_qwen_edit_plus_qfloat8": "far", "demo_qwen_edit_plus_uint3_ara": "recovered"}
+
+
+@pytest.mark.parametrize("run", sorted(QUANTIZATION_EFFECT))
 def test_quantized_training_render_is_the_recorded_preview(run, render_cache):
     """ai-toolkit's previews on a quantized base (qfloat8 transformer and text encoder; uint3 + ARA transformer
     and qfloat8 text encoder), step 2 with the LoRA at run time: rendered again from the case's files. Equal bit
@@ -205,7 +210,7 @@ def test_quantized_training_render_is_the_recorded_preview(run, render_cache):
     with torch_threads(2):
         unquantized = np.asarray(render.render(pipeline.load_for(plain, str(DEMO_MODEL), "cpu"), plain), int)
     effect = np.abs(unquantized - recorded).mean()
-    if run.endswith("qfloat8"):
+    if QUANTIZATION_EFFECT[run] == "far":
         assert effect > max(2 * d.mean(), 3)
     else:
         assert effect < 1.5

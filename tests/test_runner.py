@@ -142,7 +142,7 @@ def test_html_and_long_unicode_prompts_are_rendered_and_escaped(fast_root, tmp_p
 def test_an_accepted_difference_explains_a_gap_when_the_rest_is_within_thresholds(render_cache):
     """parity_a (demo model) step 6, prompt 1 fails its thresholds because of the CFG norm rescale, which the
     case accepts. With cfg_norm at ai-toolkit's value the render passes the thresholds, though it is not down to
-    the training render's own distance (the other differences leave hundredths of a level): `explained`."""
+    the training render's own distance (the other differences leave thousandths of a level): `explained`."""
     from conftest import CASES
     from parity.runner import Checker
 
