@@ -58,8 +58,8 @@ def small_root(tmp_path) -> Path:
 
 
 def run_suite(pytester, root: Path, report: Path, cache: Path, *extra: str):
-    """`pytest parity/` on `root` in a subprocess. The repository's ini sets the fp32 reference of the bundled
-    (fp32) cases; the tiny cases are bf16 recordings, so their suite runs keep the option's default, bf16."""
+    """`pytest parity/` on `root` in a subprocess. On a CPU the dtype `auto` gives the fp32 reference the bundled
+    (fp32) cases check with; the tiny cases are bf16 recordings, so their suite runs ask for bf16."""
     if not any(e.startswith("--parity-dtype") for e in extra):
         extra = ("--parity-dtype", "bfloat16", *extra)
     return pytester.runpytest_subprocess(str(SUITE), "--parity-cases", str(root), "--parity-report-dir", str(report),

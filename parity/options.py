@@ -27,7 +27,7 @@ class Options:
     cases: tuple[Path, ...] = (Path("cases"),)
     report_dir: Path = Path("reports")
     device: str = "cpu"
-    dtype: str = "bfloat16"
+    dtype: str = "float32"  # resolved from `auto` by `build`: what the reference server uses on the device
     model: str | None = None  # overrides every case's model
     cache_dir: Path | None = None
     thresholds: dict = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
@@ -85,8 +85,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("report_images", "how the report stores images: compact (full-size WebP, ~1.3 MB a 1024 px preview) or "
             "lossless (full-size PNG, ~13 MB)", "compact", "choice", ("compact", "lossless")),
     Setting("device", "render device: cuda or cpu", "", shown_default="cuda if available, else cpu"),
-    Setting("dtype", "compute dtype of the reference render", "bfloat16", "choice",
-            ("bfloat16", "float32", "float16")),
+    Setting("dtype", "compute dtype of the reference render; auto: what the reference server uses on the device "
+            "(bfloat16 on CUDA, float32 on a CPU)", "auto", "choice", ("auto", "bfloat16", "float32", "float16")),
     Setting("model", "hub id or diffusers folder used for every case (overrides parity.yaml)", "",
             shown_default="(none)"),
     Setting("cache_dir", "render and control-latent cache, keyed by recipe and environment ('' turns it off)",
@@ -208,6 +208,7 @@ def build(raw: dict[str, object], root: Path, flag=lambda s: s.flag, **fixed) ->
     thresholds = {k: values.pop(k) for k in THRESHOLD_NAMES}
     thresholds = {k: v for k, v in thresholds.items() if v is not None}
     values["device"] = values["device"] or default_device()
+    values["dtype"] = auto_dtype(values["device"]) if values["dtype"] == "auto" else values["dtype"]
     if values["offload"] != "none" and not values["device"].startswith("cuda"):
         raise OptionError(f"{flag(BY_NAME['offload'])}: {values['offload']!r} moves weights between CPU memory and a "
                           f"GPU, and this run renders on {values['device']!r} (use --device cuda, or offload none)")
@@ -219,6 +220,12 @@ def build(raw: dict[str, object], root: Path, flag=lambda s: s.flag, **fixed) ->
     values["cases"] = values["cases"] or (root / "cases",)
     values.update(fixed)
     return Options(thresholds=thresholds, **values)
+
+
+def auto_dtype(device: str) -> str:
+    """The reference server's dtype on `device` (BasePipeline._default_dtype_for_device): bf16 on CUDA, fp32 on a
+    CPU. Never pinned by a repo's ini, so a 20B model is not rendered in fp32 on a GPU by accident."""
+    return "bfloat16" if device.startswith("cuda") else "float32"
 
 
 # -- the two front ends ------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ pytest_plugins = ["pytester"]
 
 # A value other than the default for every setting, as a person would type it.
 VALUES = {"cases": ["a", "b"], "report_dir": "rep", "report_images": "lossless", "device": "cuda:1",
-          "dtype": "float32", "model": "/models/x", "cache_dir": "cache", "ssim_min": "0.5", "mean_abs_max": "2",
+          "dtype": "float16", "model": "/models/x", "cache_dir": "cache", "ssim_min": "0.5", "mean_abs_max": "2",
           "max_abs_max": "30", "psnr_min": "35", "explain": "all", "metric": "ssim", "reverse": True,
           "noise_floor": True, "floor": "0.25", "metrics": "stlpips_alex", "lpips_weights": "/w/alexnet.pth",
           "goldens": "gold", "update_goldens": True, "accept": "cfg_norm control_prompt_resize",
@@ -60,6 +60,24 @@ def test_both_front_ends_give_the_same_options(tmp_path):
     assert set(changed) == set(table.Options.__dataclass_fields__) - {"fidelity_floor"}
     assert from_cli.thresholds == {"ssim_min": 0.5, "mean_abs_max": 2.0, "max_abs_max": 30.0, "psnr_min": 35.0}
     assert from_cli.shard == (2, 3) and from_cli.cases == (tmp_path / "a", tmp_path / "b")
+
+
+@pytest.mark.parametrize("device, dtype", [("cpu", "float32"), ("cuda", "bfloat16"), ("cuda:3", "bfloat16")])
+def test_dtype_auto_is_the_servers_dtype_on_the_device_in_both_front_ends(tmp_path, device, dtype):
+    """`auto` (the default): bf16 on CUDA, fp32 on a CPU, as the reference server picks; the same through pytest's
+    ini/flags and `parity run`; an explicit dtype still wins."""
+    from_cli = table.from_argparse(parser().parse_args(["run", "x", "--device", device]), root=tmp_path)
+    from_pytest = table.from_pytest(FakeConfig({"device": device}, tmp_path))
+    assert from_cli.dtype == from_pytest.dtype == dtype
+    assert table.build({"device": device, "dtype": "float16"}, tmp_path).dtype == "float16"
+
+
+def test_the_repository_ini_pins_no_dtype():
+    """What a user inherits from this checkout's pyproject.toml must not pin a dtype (a 20B model in fp32 on a GPU)."""
+    import tomllib
+
+    ini = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert not {"parity_dtype", "parity_device"} & set(ini)
 
 
 def test_cli_help_lists_every_option():
