@@ -11,9 +11,10 @@ from pathlib import Path, PurePosixPath
 
 from .aitk_config import TrainingJob, load_job, read_yaml, trainer_process
 from .errors import CaseError
+from .expectations import Expectation, parse as parse_expect
 
 PARITY_FILE = "parity.yaml"
-PARITY_KEYS = {"model", "paths", "thresholds", "notes", "accept", "allow_roots", "ara"}
+PARITY_KEYS = {"model", "paths", "thresholds", "notes", "accept", "allow_roots", "ara", "expect"}
 THRESHOLD_KEYS = {"ssim_min", "psnr_min", "mean_abs_max", "max_abs_max"}
 
 
@@ -29,6 +30,7 @@ class CaseSettings:
     accept: tuple[str, ...] = ()
     allow_roots: tuple[Path, ...] = ()
     ara: Path | None = None  # the accuracy recovery adapter file, where the config's reference is not found
+    expect: tuple[Expectation, ...] = ()  # known gaps (expectations.py)
 
 
 @dataclass(frozen=True)
@@ -155,7 +157,8 @@ def read_settings(folder: Path) -> CaseSettings:
     return CaseSettings(path=path, model=model, paths=mapped, thresholds=thresholds,
                         notes=str(doc.get("notes") or ""), accept=tuple(str(a) for a in accept),
                         allow_roots=tuple((folder / str(r)).resolve() for r in roots),
-                        ara=(folder / str(doc["ara"])).resolve() if doc.get("ara") else None)
+                        ara=(folder / str(doc["ara"])).resolve() if doc.get("ara") else None,
+                        expect=parse_expect(doc.get("expect"), path))
 
 
 def find_config(folder: Path) -> Path | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import models, preflight, quantize
+from . import expectations, models, preflight, quantize
 from .aitk_config import SampleItem, TrainingJob
 from .case import PARITY_FILE, BrokenCase, Case, discover
 from .errors import CaseError
@@ -38,6 +38,7 @@ class Task:
     error: str | None = None
     prompt: str = ""  # the sample's prompt as ai-toolkit used it, also when a problem stops the recipes
     training_problem: str | None = None  # an input only the training render needs is missing (e.g. the ARA)
+    expect: expectations.Expectation | None = None  # the known gap parity.yaml declares for this preview
 
 
 def model_for(case: Case, job: TrainingJob, options: Options) -> str:
@@ -169,7 +170,8 @@ def case_tasks(case: Case, options: Options) -> list[Task]:
     for pv in previews:
         task = Task(id=f"{case.name}/{pv.step}/{pv.index}", case=case.name, case_folder=case.folder,
                     preview=pv.path, step=pv.step, index=pv.index, model=inputs.model, thresholds=thresholds,
-                    accept=case.settings.accept)
+                    accept=case.settings.accept,
+                    expect=expectations.for_preview(case.settings.expect, pv.path.name, pv.step, pv.index))
         item, problems = preview_problems(case, inputs, pv)
         task.prompt = item.prompt if item else ""
         problems = inputs.problems + problems

@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from . import compare as cmp
-from . import metrics
+from . import expectations, metrics
 from .cache import open_cache
 from .errors import CaseError, NotRenderable
 from .findings import find
@@ -148,7 +148,7 @@ class Checker:
         row = base_row(task, self.env)
         if task.error:
             row.update(verdict="skipped" if "skipped" in task.notes else "error", reason=task.error)
-            return row
+            return expectations.apply(row, task.expect)  # a known gap parity.yaml declares (`expect:`)
         start, renders = time.perf_counter(), self.renders
         try:
             self._check(task, row)
@@ -160,7 +160,7 @@ class Checker:
                                                f"{task.preview}: {exc} (at {Path(where.filename).name}:{where.lineno})")
         row["check_seconds"] = round(time.perf_counter() - start, 3)
         row["renders"] = self.renders - renders  # made now; the rest came from the render cache
-        return row
+        return expectations.apply(row, task.expect)
 
     def _check(self, task: Task, row: dict) -> None:
         preview = open_preview(task.preview)
