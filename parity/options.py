@@ -27,7 +27,7 @@ class Options:
     cases: tuple[Path, ...] = (Path("cases"),)
     report_dir: Path = Path("reports")
     device: str = "cpu"
-    dtype: str = "float32"  # resolved from `auto` by `build`: what the reference server uses on the device
+    dtype: str = "bfloat16"  # a resolved dtype: the front ends (`build`) turn the option's `auto` into the device's
     model: str | None = None  # overrides every case's model
     cache_dir: Path | None = None
     thresholds: dict = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
