@@ -29,7 +29,7 @@ def main() -> None:
     start_all = time.perf_counter()
     print(f"{'preview':<48} {'fields':>6} {'groups':>6} {'expected':>8} {'renders':>7} {'seconds':>8}")
     for task in tasks:
-        before = checker.renders
+        before = checker.renders.made
         checker._recent.clear()  # count each preview's renders from scratch
         start = time.perf_counter()
         checker.explain(task, open_preview(task.preview), {})
@@ -37,7 +37,7 @@ def main() -> None:
         groups = [g for g in cause_groups(fields) if not any(f in NOT_RENDERED for f in g)]
         # reference + each testable group + all-training; a group whose switch *is* the training recipe is free
         expected = 2 + len(groups)
-        done = checker.renders - before
+        done = checker.renders.made - before
         total_renders += done
         total_expected += expected
         print(f"{task.id:<48} {len(fields):>6} {len(groups):>6} {expected:>8} {done:>7} "

@@ -106,6 +106,33 @@ def cause_groups(fields: tuple[str, ...]) -> list[tuple[str, ...]]:
     return out
 
 
+def planned_causes(training: Recipe, reference: Recipe, only: tuple[str, ...] | None = None,
+                   only_reason: str = "") -> list[Cause]:
+    """One cause per group of differing fields, marked untestable where it is not rendered (and why)."""
+    causes = []
+    for group in cause_groups(differing_fields(training, reference)):
+        cause = Cause(group)
+        blocked = [NOT_RENDERED[f] for f in group if f in NOT_RENDERED]
+        if blocked:
+            cause.testable, cause.reason = False, "; ".join(blocked)
+        elif only is not None and not set(group) & set(only):
+            cause.testable, cause.reason = False, only_reason or "not rendered"
+        causes.append(cause)
+    return causes
+
+
+def counterfactuals(training: Recipe, reference: Recipe, only: tuple[str, ...] | None = None,
+                    reverse: bool = False) -> list[Recipe]:
+    """The recipes `attribute` renders besides the two sides, so a caller can make them grouped by pipeline."""
+    out = []
+    for cause in planned_causes(training, reference, only):
+        if cause.testable:
+            out.append(switch(reference, training, cause.fields))
+            if reverse:
+                out.append(switch(training, reference, cause.fields))
+    return out
+
+
 def attribute(render, preview: Image.Image, training: Recipe, reference: Recipe, *, metric: str = "mean_abs",
               floor: float = 0.0, reverse: bool = False, encode=None, only: tuple[str, ...] | None = None,
               only_reason: str = "") -> Attribution:
@@ -115,18 +142,12 @@ def attribute(render, preview: Image.Image, training: Recipe, reference: Recipe,
     encode = encode or encoder(training.output_format)
     dist = lambda recipe: distance(preview, render(recipe), encode, metric)  # noqa: E731
     result = Attribution(metric, dist(reference), dist(training), floor=floor)
-    for group in cause_groups(differing_fields(training, reference)):
-        cause = Cause(group)
-        blocked = [NOT_RENDERED[f] for f in group if f in NOT_RENDERED]
-        if blocked:
-            cause.testable, cause.reason = False, "; ".join(blocked)
-        elif only is not None and not set(group) & set(only):
-            cause.testable, cause.reason = False, only_reason or "not rendered"
-        else:
+    for cause in planned_causes(training, reference, only, only_reason):
+        if cause.testable:
             try:
-                cause.distance = dist(switch(reference, training, group))
+                cause.distance = dist(switch(reference, training, cause.fields))
                 if reverse:
-                    cause.reverse_distance = dist(switch(training, reference, group))
+                    cause.reverse_distance = dist(switch(training, reference, cause.fields))
             except NotRenderable as exc:  # e.g. a quantized base without its library
                 cause.testable, cause.reason = False, f"not testable here: {exc}"
         if cause.distance is not None and result.gap > floor:

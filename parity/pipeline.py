@@ -59,7 +59,7 @@ class LoadedModel:
         self._state(offload, disk_cache, precision)
         if precision is not None:
             start = time.perf_counter()
-            self.quantized = apply_precision(self.pipe, precision, disk_cache, self.identity())
+            self.quantized = apply_precision(self.pipe, precision, disk_cache, self.identity(machine=False))
             self.quantize_seconds = time.perf_counter() - start
         if offload != "none":  # after quantizing: the quantized weights are the ones kept in CPU memory
             enable_offload(self.pipe, offload, device)
@@ -87,16 +87,31 @@ class LoadedModel:
         self._state(offload, None, None)
         return self
 
-    def identity(self) -> dict:
-        """What decides this model's outputs besides the inputs: for on-disk cache keys."""
-        import diffusers
-        import transformers
+    def identity(self, machine: bool = True) -> dict:
+        """What decides this model's outputs besides the inputs, for on-disk cache keys: the weights by content,
+        dtype and libraries, and (`machine`) the device, offload mode, thread count and CPU kind that change bits.
+        Quantized weights leave the machine out (quantizing is elementwise: the same bits on every machine)."""
+        from .identity import libraries, model_identity
+        from .identity import machine as machine_of
 
-        weights = sorted(Path(self.model).glob("*/*.safetensors")) if Path(self.model).is_dir() else []
-        return {"model": self.model, "device": self.device, "dtype": str(self.dtype), "conv": self.conv_mode,
-                "torch": torch.__version__,
-                "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-                "weights": [(p.parent.name, p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights]}
+        if getattr(self, "_weights", None) is None:  # once: the files do not change under a loaded pipeline
+            try:
+                cache_dir = self.disk_cache.folder if self.disk_cache is not None else None
+                self._weights = model_identity(self.model, cache_dir)
+            except CaseError:  # a pipeline built in memory (LoadedModel.wrap): nothing outlives the process
+                self._weights = {"in_memory": self.model}
+        out = {"model": self._weights, "dtype": str(self.dtype), "libraries": libraries()}
+        if machine:
+            out.update(machine=machine_of(self.device, self.offload), conv=self.conv_mode)
+        return out
+
+    def weights_changed(self) -> bool:
+        from .identity import model_identity
+
+        if getattr(self, "_weights", None) is None or "in_memory" in self._weights:
+            return False
+        return model_identity(self.model, self.disk_cache.folder if self.disk_cache is not None else None) != \
+            self._weights
 
     @property
     def transformer(self):
@@ -324,24 +339,53 @@ def merged_lora(transformer, state, multiplier: float):
     return weight_lora(transformer, state, weight_for, factor_dtype=torch.float32)
 
 
-_MODELS: dict[tuple, LoadedModel] = {}
+_MODELS: dict[tuple, LoadedModel] = {}  # at most one: a second base model is never resident beside the first
 
 
 def load(model: str, device: str, dtype: str, cache_dir: Path | str | None = None,
          precision: Precision | None = None, pipeline: str = "QwenImageEditPlusPipeline",
          offload: str = "none") -> LoadedModel:
-    """The loaded pipeline for (model, device, dtype, precision, class), loaded on first use and kept for the
-    session. `cache_dir`: where control-image latents and quantized weights are kept on disk for later processes
-    and runs."""
+    """The loaded pipeline for (model, device, dtype, precision, class, offload), loaded on first use and kept
+    until another is needed: the one before is freed first, so at the real size (~58 GB in bf16) a quantized
+    training base and the bf16 reference swap, they never stack. `cache_dir`: where control-image latents, prompt
+    embeddings and quantized weights are kept on disk for later processes and runs."""
     from .cache import open_cache
 
     key = (model, device, dtype_name(dtype), precision.key if precision else None, pipeline, offload)
     cache = open_cache(cache_dir) if cache_dir is not None else None
+    if key in _MODELS and _MODELS[key].weights_changed():
+        release()  # its files were replaced under this process: what it holds is not that model any more
     if key not in _MODELS:
+        release()
         _MODELS[key] = LoadedModel(model, device, dtype, precision, cache, pipeline, offload)
     if cache is not None:
         _MODELS[key].disk_cache = cache
     return _MODELS[key]
+
+
+def release() -> None:
+    """Free the resident pipeline (and what a failed load left behind)."""
+    import gc
+
+    _MODELS.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def resident() -> tuple | None:
+    """The key of the pipeline held now (`load_key`'s form), if any."""
+    return next(iter(_MODELS), None)
+
+
+def load_key(recipe, model: str, device: str, offload: str = "none") -> tuple:
+    """Which pipeline a recipe renders on (NotRenderable: a quantization that is not reproduced)."""
+    from .models import by_name
+    from .precision import parse
+
+    precision = parse(recipe.precision, recipe.ara_file)
+    return (model, device, dtype_name(recipe.dtype), precision.key if precision else None,
+            by_name(recipe.model).pipeline, offload)
 
 
 def load_for(recipe, model: str, device: str, cache_dir: Path | str | None = None,

@@ -7,7 +7,6 @@ preview's check never raises for that preview's sake: every problem becomes its 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import time
@@ -18,21 +17,20 @@ from PIL import Image, UnidentifiedImageError
 
 from . import compare as cmp
 from . import expectations, metrics
-from .cache import open_cache
 from .errors import CaseError, NotRenderable
 from .findings import find
 from .goldens import Goldens, fingerprint, golden_name
+from .identity import cpu_kind
 from .images import check_mode, save_preview
 from .images import save as write_image
 from .interrupt import INTERRUPT
 from .options import Options
 from .plan import Task, plan  # noqa: F401 (re-exported: the library's entry points)
 from .recipe import FIELD_NAMES, Recipe, differing_fields, switch
+from .renders import Renders
 from .server import ServerError
+from .verdicts import fidelity_verdict, judge
 
-# Cached renders are only valid for the code that made them.
-RENDER_CODE = hashlib.sha256(b"".join((Path(__file__).parent / f).read_bytes()
-                                      for f in ("render.py", "pipeline.py", "preprocess.py"))).hexdigest()[:12]
 MAP_NAMES = {"diff": "diff", "ssim": "ssim_map"}  # image suffixes the report reads
 
 
@@ -97,11 +95,8 @@ class Checker:
             self.goldens = goldens if goldens.active else None
         # the metrics run on the render device: on a GPU they cost well under 1 % of a real render
         self.metric_set = metrics.build(options.metrics, lpips_weights=options.lpips_weights, device=options.device)
-        self.cache = open_cache(options.cache_dir)
-        self.renders = 0  # renders made by this process (cache misses)
-        self.cached = 0  # renders served from the on-disk cache
-        self.render_seconds = 0.0
-        self._recent: dict[str, Image.Image] = {}  # the last few renders: one preview's are reused
+        self.renders = Renders(options.device, options.offload, options.cache_dir, deterministic=options.deterministic)
+        self._prepared: set[str] = set()  # cases whose renders were made together (`prepare`)
         self.server = None  # server mode (--parity-server): the reference images come from a running server
         if options.server:
             from .server import ServerSide
@@ -109,47 +104,40 @@ class Checker:
             self.server = ServerSide(options.server, options.server_timeout)
 
     def render(self, recipe: Recipe, model: str) -> tuple[Image.Image, float]:
-        key = f"{recipe.key()}|{model}"
-        if key in self._recent:
-            return self._recent[key], 0.0
-        image, seconds = self._render(recipe, model)
-        self._recent[key] = image
-        while len(self._recent) > 16:
-            self._recent.pop(next(iter(self._recent)))
-        return image, seconds
+        return self.renders.get(recipe, model)
 
-    def _render(self, recipe: Recipe, model: str) -> tuple[Image.Image, float]:
-        from . import pipeline, render
+    def prepare(self, tasks: list[Task]) -> None:
+        """Make the renders these tasks surely need, grouped by pipeline (each loaded once): the reference, and the
+        training recipe when it is always rendered. Called with a case's tasks before its first check."""
+        jobs = []
+        for task in tasks:
+            if task.error or task.reference is None:
+                continue
+            if self.server is None or self.options.server_local:
+                jobs.append((task.reference, task.model))
+            if self.options.training == "always" and not task.training_problem:
+                jobs.append((task.training, task.model))
+        self.renders.prepare(jobs)
 
-        name = None
-        if self.cache is not None:
-            fp = json.dumps([recipe.key(), model, self.options.device, self.env, RENDER_CODE], sort_keys=True)
-            name = f"{recipe.key()}-{_short_hash(fp)}"
-            cached = self.cache.get_image(name)
-            if cached is not None:
-                self.cached += 1
-                return cached, 0.0
-        loaded = pipeline.load_for(recipe, model, self.options.device, cache_dir=self.options.cache_dir,
-                                   offload=self.options.offload)
-        start = time.perf_counter()
-        image = render.render(loaded, recipe)
-        seconds = time.perf_counter() - start
-        self.renders += 1
-        self.render_seconds += seconds
-        if name is not None:
-            self.cache.put_image(name, image)
-        return image, seconds
+    def prepare_case(self, task: Task, tasks: list[Task]) -> None:
+        """`prepare` the tasks of `task`'s case, once per case."""
+        if tasks and task.case not in self._prepared:
+            self._prepared.add(task.case)
+            self.prepare([t for t in tasks if t.case == task.case])
 
-    def check(self, task: Task) -> dict:
+    def check(self, task: Task, run_tasks: list[Task] = ()) -> dict:
         """The record of one preview. Never raises for a preview's sake: a bad input is an `error` row naming the
-        file and the fix, and anything unforeseen an `error` row with the exception (Ctrl-C still stops)."""
+        file and the fix, and anything unforeseen an `error` row with the exception (Ctrl-C still stops). With
+        `run_tasks` (every preview this process checks), the first preview of a case makes the renders of the whole
+        case, grouped by pipeline: its row counts them."""
         if self.server is not None:
             task = self.server.task(task)
         row = base_row(task, self.env)
         if task.error:
             row.update(verdict="skipped" if "skipped" in task.notes else "error", reason=task.error)
             return expectations.apply(row, task.expect)  # a known gap parity.yaml declares (`expect:`)
-        start, renders = time.perf_counter(), self.renders
+        start, renders = time.perf_counter(), self.renders.made
+        self.prepare_case(task, run_tasks)
         try:
             self._check(task, row)
         except (CaseError, ServerError) as err:
@@ -159,7 +147,7 @@ class Checker:
             row.update(verdict="error", reason=f"unexpected {exc.__class__.__name__} while checking "
                                                f"{task.preview}: {exc} (at {Path(where.filename).name}:{where.lineno})")
         row["check_seconds"] = round(time.perf_counter() - start, 3)
-        row["renders"] = self.renders - renders  # made now; the rest came from the render cache
+        row["renders"] = self.renders.made - renders  # made now; the rest came from the render cache
         return expectations.apply(row, task.expect)
 
     def _check(self, task: Task, row: dict) -> None:
@@ -243,8 +231,11 @@ class Checker:
         row["fidelity_max_abs"] = fidelity.max_abs
         row["fidelity_mean_abs"] = fidelity.mean_abs
         floor = self.options.fidelity_floor["jpeg" if jpeg else "png"]
-        reproduced = fidelity.mean_abs is not None and fidelity.mean_abs <= floor
-        row["fidelity_verdict"] = "reproduced" if reproduced else "cannot reproduce preview"
+        here = self.env["device"] + (f" ({self.env['gpu']})" if self.env.get("gpu") else
+                                     f" ({cpu_kind()})" if self.env["device"] == "cpu" else "")
+        reproduced, row["fidelity_verdict"] = fidelity_verdict(
+            fidelity.mean_abs, row.get("mean_abs"), floor,
+            recorded_on=f"{task.training.device} (the config's device)", here=here)
         return reproduced
 
     def verdict(self, task: Task, preview: Image.Image, row: dict, failed: list[str], reproduced: bool) -> dict:
@@ -295,13 +286,9 @@ class Checker:
     def noise_floor(self, task: Task, preview: Image.Image, row: dict) -> float:
         """The same training recipe through PyTorch's math attention kernel instead of the fused one: how far
         kernel-level rounding alone moves this image (the floor verdicts and attribution are measured against)."""
-        from . import pipeline, render
         from .attribution import distance
 
-        loaded = pipeline.load_for(task.training, task.model, self.options.device, cache_dir=self.options.cache_dir,
-                                   offload=self.options.offload)
-        again = render.render(loaded, task.training, math_attention=True)
-        self.renders += 1
+        again, _ = self.renders.get(task.training, task.model, math_attention=True)
         encode = self.preview_encoder(task)
         same = encode(self.render(task.training, task.model)[0])  # in the comparison's encoding
         floor = {m: distance(same, again, encode, m) for m in ("mean_abs", "max_abs", "ssim", "psnr")}
@@ -312,13 +299,15 @@ class Checker:
     def explain(self, task: Task, preview: Image.Image, row: dict, only: tuple[str, ...] | None = None):
         """Counterfactual renders: which finding explains the gap (attribution), saved and recorded; with `only`
         (the accepted fields of an explained preview), just the causes that hold one of them."""
-        from .attribution import attribute
+        from .attribution import attribute, counterfactuals
         floor = self.options.floor
         if task.training_problem:  # e.g. the ARA was not found: say which file, as the fidelity column does
             row["causes"] = json.dumps({"unavailable": f"the training recipe is not rendered here: "
                                                       f"{task.training_problem}"})
             return None
         try:
+            self.renders.prepare([(r, task.model) for r in (task.reference, task.training, *counterfactuals(
+                task.training, task.reference, only, self.options.reverse))])  # one load per pipeline
             if self.options.noise_floor:
                 floor = max(floor, self.noise_floor(task, preview, row))
             result = attribute(lambda recipe: self.render(recipe, task.model)[0], preview, task.training,
@@ -344,19 +333,6 @@ class Checker:
         return write_image(image, folder, task.preview.stem, kind, self.options.report_images)
 
 
-def judge(c: cmp.Comparison, thresholds: dict) -> list[str]:
-    """The thresholds a comparison misses, as readable strings (empty: it passes)."""
-    failed = []
-    checks = {"ssim_min": (c.ssim, lambda v, t: v >= t, ">="), "psnr_min": (c.psnr, lambda v, t: v >= t, ">="),
-              "mean_abs_max": (c.mean_abs, lambda v, t: v <= t, "<="),
-              "max_abs_max": (c.max_abs, lambda v, t: v <= t, "<=")}
-    for key, limit in thresholds.items():
-        value, ok, op = checks[key]
-        if value is not None and not ok(value, limit):
-            failed.append(f"{key.rsplit('_', 1)[0]} {value:.4g} not {op} {limit:g}")
-    return failed
-
-
 def base_row(task: Task, env: dict) -> dict:
     row = {"id": task.id, "case": task.case, "preview": task.preview.name if task.preview else "",
            "step": task.step, "sample_index": task.index, "verdict": "", "reason": "",
@@ -380,10 +356,6 @@ def base_row(task: Task, env: dict) -> dict:
     return row
 
 
-def _short_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
 def run(options: Options, tasks: list[Task] | None = None, progress=None) -> list[dict]:
     """Check every task and write the reports; returns the records.
 
@@ -402,7 +374,7 @@ def run(options: Options, tasks: list[Task] | None = None, progress=None) -> lis
                 if progress is not None:
                     progress.start(task)
                 with INTERRUPT.check():
-                    record = checker.check(task)
+                    record = checker.check(task, tasks)
                 records.append(record)
                 if progress is not None:
                     progress.done(task, record)
