@@ -63,16 +63,22 @@ class DiskCache:
     def tensors_path(self, name: str) -> Path:
         return self.folder / "quantized" / f"{name}.safetensors"
 
-    def get_tensors(self, name: str) -> dict | None:
-        """A stored set of tensors (a model's quantized layers), or None when absent or damaged."""
-        from safetensors.torch import load_file
+    def open_tensors(self, name: str):
+        """A stored set of tensors to read one at a time (`keys()`, `get_tensor(key)`: safetensors' lazy reader, so
+        a model's quantized layers are never all in memory beside the model), or None when absent or damaged. A
+        damaged entry is said once on stderr and quantized again."""
+        from safetensors import safe_open
 
         path = self.tensors_path(name)
         if not path.is_file():
             return None
         try:
-            return load_file(path)
-        except Exception:  # a damaged entry: quantize again
+            return safe_open(str(path), framework="pt")
+        except Exception as exc:  # noqa: BLE001 -- a damaged entry: quantize again, and say so
+            import sys
+
+            print(f"preview-parity: {path} is damaged ({exc.__class__.__name__}): quantizing again",
+                  file=sys.stderr)
             return None
 
     def put_tensors(self, name: str, tensors: dict) -> None:

@@ -198,7 +198,11 @@ def quantize_quanto(model, qtype: str, groups: list[torch.nn.Module], cache, nam
     from optimum.quanto import qtypes
     from optimum.quanto.nn import QModuleMixin, quantize_module
 
-    stored = cache.get_tensors(name) if cache is not None and name else None
+    stored = cache.open_tensors(name) if cache is not None and name else None
+    keys: dict[str, list[str]] = {}
+    for key in stored.keys() if stored is not None else ():
+        keys.setdefault(key.split(".weight.")[0], []).append(key)
+    full_names = {id(m): n for n, m in model.named_modules()}
     for group in groups:
         for path, layer in list(group.named_modules()):
             if not path or not isinstance(layer, torch.nn.Linear) or isinstance(layer, QModuleMixin):
@@ -209,13 +213,14 @@ def quantize_quanto(model, qtype: str, groups: list[torch.nn.Module], cache, nam
             layer.weight = layer.bias = None  # as quanto does: the plain weights go now, not at the end
             if stored is None:
                 qlayer.freeze()
+            else:  # this layer's frozen weight from the cache (a QLinear rebuilds it from `weight._data` ...)
+                full = full_names[id(layer)]
+                qlayer.load_state_dict({k[len(full) + 1:]: stored.get_tensor(k) for k in keys.get(full, ())},
+                                       strict=False)
+                if not qlayer.frozen:
+                    raise RuntimeError(f"the quantized-weights cache entry {name} lacks {full}: delete it, run again")
     qnames = [n for n, m in model.named_modules() if isinstance(m, QModuleMixin)]
-    if stored is not None:
-        model.load_state_dict(stored, strict=False)  # a QLinear rebuilds its frozen weight from `weight._data` ...
-        thawed = [n for n, m in model.named_modules() if isinstance(m, QModuleMixin) and not m.frozen]
-        if thawed:
-            raise RuntimeError(f"the quantized-weights cache entry {name} lacks {thawed[:3]}: delete it, run again")
-    elif cache is not None and name:
+    if stored is None and cache is not None and name:
         state = model.state_dict()
         cache.put_tensors(name, {k: v for k, v in state.items() if any(k.startswith(q + ".weight.") for q in qnames)})
     return len(qnames)
@@ -225,13 +230,13 @@ def quantize_quanto(model, qtype: str, groups: list[torch.nn.Module], cache, nam
 def quantize_uintx_layers(transformer, bits: int, targets: list[str], cache, name: str | None) -> int:
     """Each target Linear runs on its dequantized uintN weight (a layer ai-toolkit refuses stays as it is)."""
     modules = dict(transformer.named_modules())
-    stored = cache.get_tensors(name) if cache is not None and name else None
+    stored = cache.open_tensors(name) if cache is not None and name else None
     done = {}
     for target in targets:
         layer = modules[target]
         if not uintx_applies(layer.weight, bits):
             continue
-        weight = stored[target] if stored is not None else uintx_weight(layer.weight.detach(), bits)
+        weight = stored.get_tensor(target) if stored is not None else uintx_weight(layer.weight.detach(), bits)
         layer.weight.data = weight.to(layer.weight.device, layer.weight.dtype)
         done[target] = layer.weight.data
     if stored is None and cache is not None and name:
