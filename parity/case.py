@@ -6,8 +6,9 @@ A case is a folder holding an ai-toolkit trainer config and a `samples/` folder.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 
 from .aitk_config import TrainingJob, load_job, read_yaml, trainer_process
 from .errors import CaseError
@@ -16,6 +17,7 @@ from .expectations import Expectation, parse as parse_expect
 PARITY_FILE = "parity.yaml"
 PARITY_KEYS = {"model", "paths", "thresholds", "notes", "accept", "allow_roots", "ara", "expect"}
 THRESHOLD_KEYS = {"ssim_min", "psnr_min", "mean_abs_max", "max_abs_max"}
+WINDOWS_PATH = re.compile(r"^(?:[A-Za-z]:[\\/]|\\\\)")  # C:\..., C:/... or \\server\share\...
 
 
 @dataclass(frozen=True)
@@ -60,9 +62,12 @@ class Case:
             return None
 
     def resolve(self, training_path: str, what: str) -> Path:
-        """A path written on the training machine, as a local file inside the allowed roots."""
-        local = self._map(training_path, what)
-        real = local.resolve()
+        """A path written on the training machine, as a local file: mapped by `paths:`, else the file itself where
+        it exists here (a run checked where it trained), else found inside the allowed roots."""
+        local = map_path(training_path, self.settings.paths)
+        if local is None and Path(training_path).is_absolute() and Path(training_path).is_file():
+            return Path(training_path).resolve()
+        real = (local if local is not None else self._unmapped(training_path, what)).resolve()
         if not any(_inside(real, root.resolve()) for root in self.allowed_roots()):
             raise CaseError(self.config_path, f"{what} {training_path!r} resolves to {real}, outside the case "
                             f"folder and the allowed roots",
@@ -73,14 +78,8 @@ class Case:
                             f"copy the file there, or fix the `paths:` entry in {self.folder / PARITY_FILE}")
         return real
 
-    def _map(self, training_path: str, what: str) -> Path:
-        pure = PurePosixPath(training_path)
-        for prefix, target in self.settings.paths:
-            try:
-                rest = pure.relative_to(prefix)
-            except ValueError:
-                continue
-            return target / Path(*rest.parts) if rest.parts else target
+    def _unmapped(self, training_path: str, what: str) -> Path:
+        pure = pure_path(training_path)
         if not pure.is_absolute():
             return self.folder / Path(*pure.parts)
         # No mapping: find the file by its name under the case folder and its parents up to the root.
@@ -88,6 +87,7 @@ class Case:
         if len(hits) == 1:
             return hits[0]
         prefix = str(pure.parent)
+        prefix = f"'{prefix}'" if isinstance(pure, PureWindowsPath) else prefix  # YAML keeps backslashes quoted
         hint = f"add `paths: {{{prefix}: <local folder>}}` to {self.folder / PARITY_FILE}"
         if not hits:
             raise CaseError(self.config_path, f"{what} {training_path!r} is a training-machine path and no file "
@@ -109,6 +109,24 @@ class Case:
         hits = sorted({Path(dirpath) / name for dirpath, _, files in os.walk(top) if name in files
                        and not _hidden(Path(dirpath), top)})
         return hits
+
+
+def pure_path(text: str) -> PurePath:
+    """A path as the training machine wrote it: Windows (a drive letter or UNC, compared case-insensitively as
+    Windows does) or POSIX."""
+    return PureWindowsPath(text) if WINDOWS_PATH.match(text) else PurePosixPath(text)
+
+
+def map_path(text: str, paths: tuple[tuple[str, Path], ...]) -> Path | None:
+    """The local path the first matching `paths:` prefix maps a training-machine path to; None where none does."""
+    pure = pure_path(text)
+    for prefix, target in paths:
+        try:
+            rest = pure.relative_to(pure_path(prefix))
+        except ValueError:
+            continue
+        return target.joinpath(*rest.parts)
+    return None
 
 
 def _hidden(path: Path, top: Path) -> bool:
@@ -142,7 +160,7 @@ def read_settings(folder: Path) -> CaseSettings:
     if not isinstance(paths, dict):
         raise CaseError(path, "`paths:` must map training-machine prefixes to local folders",
                         "write e.g. `paths: {/workspace: ../..}`")
-    mapped = tuple(sorted(((str(k).rstrip("/") or "/", (folder / str(v)).resolve()) for k, v in paths.items()),
+    mapped = tuple(sorted(((str(k), (folder / str(v)).resolve()) for k, v in paths.items()),
                           key=lambda kv: -len(kv[0])))  # longest prefix first
     thresholds = doc.get("thresholds") or {}
     if not isinstance(thresholds, dict) or set(thresholds) - THRESHOLD_KEYS:

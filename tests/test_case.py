@@ -66,6 +66,47 @@ def test_path_outside_the_case_is_refused(tmp_path):
         case.resolve("../../../../secret.png", "control image")
 
 
+def test_an_existing_local_file_is_used_as_is_unless_paths_maps_it(tmp_path):
+    """Checked on the training machine: an absolute path that exists here is that file, wherever it lies; a
+    `paths:` prefix that matches still wins, and a path that does not exist here falls back to the name search."""
+    case = copy_case(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    local = elsewhere / "ctrl_tall.png"
+    shutil.copy(case.root / "aitk-a/data/sample_ctrl/ctrl_tall.png", local)
+    assert case.resolve(str(local), "control image") == local.resolve()
+    (case.folder / "parity.yaml").write_text(f"paths:\n  {elsewhere}: ../../data/sample_ctrl\n")
+    [mapped] = discover([case.root])
+    assert mapped.resolve(str(local), "control image") == (case.root / "aitk-a/data/sample_ctrl/ctrl_tall.png")
+    local.unlink()
+    found = case.resolve(str(local), "control image")  # gone here: found by its name under the root, as before
+    assert found == (case.root / "aitk-a/data/sample_ctrl/ctrl_tall.png").resolve()
+
+
+@pytest.mark.parametrize("written,prefix", [
+    (r"C:\Users\me\data\sample_ctrl\ctrl_tall.png", r"C:\Users\me"),
+    (r"c:\USERS\Me\data\sample_ctrl\ctrl_tall.png", "C:\\Users\\me\\"),  # Windows compares case-insensitively
+    ("C:/Users/me/data/sample_ctrl/ctrl_tall.png", r"C:\Users\me"),
+    (r"C:\Users\me\data\sample_ctrl\ctrl_tall.png", "C:/Users/me"),
+    (r"\\nas\share\data\sample_ctrl\ctrl_tall.png", r"\\NAS\share"),
+])
+def test_windows_paths_map_through_paths(tmp_path, written, prefix):
+    case = copy_case(tmp_path)
+    (case.folder / "parity.yaml").write_text(f"paths: {{'{prefix}': ../..}}\n")
+    [case] = discover([case.root])
+    assert case.resolve(written, "control image") == (case.root / "aitk-a/data/sample_ctrl/ctrl_tall.png")
+
+
+def test_an_unmapped_windows_path_names_its_prefix_for_paths(tmp_path):
+    case = copy_case(tmp_path)
+    with pytest.raises(CaseError) as err:
+        case.resolve(r"C:\Users\me\data\none.png", "control image")
+    text = str(err.value)
+    assert "no file named 'none.png'" in text and r"add `paths: {'C:\Users\me\data': <local folder>}`" in text
+    found = case.resolve(r"D:\train\ctrl_wide.png", "control image")  # a unique name is still found
+    assert found == (case.root / "aitk-a/data/sample_ctrl/ctrl_wide.png").resolve()
+
+
 def test_parity_yaml_unknown_key_and_bad_threshold(tmp_path):
     (tmp_path / "parity.yaml").write_text("modle: x\n")
     with pytest.raises(CaseError, match="unknown key"):
