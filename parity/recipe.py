@@ -184,6 +184,11 @@ def _quantization(job: TrainingJob, ara: str | None) -> str:
     return " ".join(parts) or "none"
 
 
+def device_kind(device: str) -> str:
+    """`cuda:0` -> `cuda`: the index picks a card, not the kernels, so cuda, cuda:0 and cuda:1 are one device kind."""
+    return device.partition(":")[0]
+
+
 def _dtype_name(train_dtype: str) -> str:
     return {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
             "fp32": "float32", "float32": "float32"}.get(train_dtype.lower(), train_dtype)
@@ -228,7 +233,7 @@ def training_recipe(job: TrainingJob, item: SampleItem, lora: str | None, resolv
         # load_model: text_encoder.to(device, dtype=dtype) also casts the float32 rotary inv_freq buffers.
         text_encoder_rope=_dtype_name(job.train_dtype),
         vae_tiling=job.low_vram,
-        device=job.device,
+        device=device_kind(job.device),
         dtype=_dtype_name(job.train_dtype),
         output_format="png" if fmt == "png" else ("jpeg-q75" if fmt in ("jpg", "jpeg") else fmt),
         model=model.name,
@@ -266,7 +271,7 @@ def reference_recipe(job: TrainingJob, item: SampleItem, lora: str | None, resol
         precision="none",
         text_encoder_rope="float32",  # from_pretrained(torch_dtype=...) keeps the rotary buffers in float32
         vae_tiling=False,
-        device=device,
+        device=device_kind(device),
         dtype=dtype,
         output_format="png",
         model=model.name,

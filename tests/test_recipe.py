@@ -100,3 +100,18 @@ def test_switch_and_field_names():
     assert set(t.as_row()) == set(FIELD_NAMES)
     assert t.as_row()["cfg_norm"] == "false" and r.as_row()["cfg_norm"] == "true"
     assert t.key() != r.key() and t.key() == switch(t, r, ()).key()
+
+
+@pytest.mark.parametrize("training,reference,differs", [("cuda:0", "cuda", False), ("cuda:1", "cuda", False),
+                                                        ("cuda", "cuda:0", False), ("cpu", "cuda", True)])
+def test_a_device_index_is_not_a_finding(training, reference, differs):
+    """ai-toolkit's `device: cuda:0` runs the kernels the reference's `cuda` runs: an index picks a card."""
+    import dataclasses
+
+    case = next(c for c in discover([TINY_CASES]) if c.name == "tiny_qwen_image_edit_plus_lora_v1")
+    job = dataclasses.replace(case.job(), device=training)
+    item = job.items[0]
+    t = training_recipe(job, item, None, case.resolve)
+    r = reference_recipe(job, item, None, case.resolve, scheduler=SCHED, device=reference, dtype="bfloat16")
+    assert ("device" in [f.field for f in find(t, r)]) == differs
+    assert t.device == training.partition(":")[0]
