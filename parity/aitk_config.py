@@ -101,6 +101,9 @@ class TrainingJob:
     items: tuple[SampleItem, ...]
     unknown: tuple[str, ...] = field(default=())
     arch_tag: str | None = None  # the UI's ":2511" / ":2512" on model.arch: which checkpoint of the arch
+    network_type: str = "lora"  # network.type (NetworkConfig default): lora, locon, lokr, ...
+    save_every: int = 1000  # save.save_every (SaveConfig default): a checkpoint at every multiple of it
+    max_step_saves_to_keep: int = 5  # save.max_step_saves_to_keep (SaveConfig default); 0 or less keeps all
 
 
 def _replace_name(value: Any, name: str) -> Any:
@@ -313,13 +316,15 @@ def load_job(path: Path) -> TrainingJob:
     unknown = [f"sample.{k}" for k in sample if k not in KNOWN_SAMPLE_KEYS]
     unknown += [u for it in items for u in it.unknown]
     train = proc.get("train") if isinstance(proc.get("train"), dict) else {}
+    network = proc.get("network") if isinstance(proc.get("network"), dict) else {}
+    save = proc.get("save") if isinstance(proc.get("save"), dict) else {}
     return TrainingJob(
         path=path,
         name=name,
         trigger_word=proc.get("trigger_word"),
         device=str(proc.get("device", "cuda")),
         train_dtype=str(train.get("dtype", "bf16")),
-        train_steps=train.get("steps") if isinstance(train.get("steps"), int) else None,
+        train_steps=_whole(train.get("steps"), None),
         model_name_or_path=str(model["name_or_path"]),
         arch=arch.split(":")[0],  # "qwen_image_edit_plus:2509" names the same arch (models.identify: the tag)
         **quantization(path, model),
@@ -328,7 +333,15 @@ def load_job(path: Path) -> TrainingJob:
         items=items,
         unknown=tuple(unknown),
         arch_tag=arch.partition(":")[2] or None,
+        network_type=str(network.get("type", "lora")),
+        save_every=_whole(save.get("save_every"), 1000),
+        max_step_saves_to_keep=_whole(save.get("max_step_saves_to_keep"), 5),
     )
+
+
+def _whole(value: Any, default: int | None) -> int | None:
+    """A whole number as written, else the default (YAML `true` is not a number of steps)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
 def _with_raw_prompt(item: SampleItem, raw: Any) -> SampleItem:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from . import expectations, models, preflight, quantize
 from .aitk_config import SampleItem, TrainingJob
-from .case import PARITY_FILE, BrokenCase, Case, discover
+from .case import PARITY_FILE, BrokenCase, Case, discover, map_path
 from .errors import CaseError
 from .options import Options
-from .previews import Preview, index_checkpoints, index_previews, lora_for_step
+from .previews import Preview, PrunedCheckpoint, index_checkpoints, index_previews, lora_for_step
 from .recipe import Recipe, reference_recipe, training_recipe
 
 
@@ -46,11 +46,8 @@ def model_for(case: Case, job: TrainingJob, options: Options) -> str:
         return options.model
     if case.settings.model:
         return case.settings.model
-    name = job.model_name_or_path
-    for prefix, target in case.settings.paths:  # a training-machine folder mapped by `paths:`
-        if name == prefix or name.startswith(prefix + "/"):
-            return str(target / name[len(prefix):].lstrip("/"))
-    return name
+    mapped = map_path(job.model_name_or_path, case.settings.paths)  # a training-machine folder mapped by `paths:`
+    return str(mapped) if mapped is not None else job.model_name_or_path
 
 
 def scheduler_config(folder: str) -> dict:
@@ -84,6 +81,7 @@ class CaseInputs:
 def case_inputs(case: Case, options: Options) -> CaseInputs:
     """Read the config (a CaseError stops the case), then check the model and the arch, collecting problems."""
     job = case.job()
+    preflight.check_network(job)  # a LoKr/LoHa run: one clear error for the case, not its keys' mismatch
     model = model_for(case, job, options)
     problems: list[CaseError] = []
     spec = None
@@ -98,10 +96,14 @@ def case_inputs(case: Case, options: Options) -> CaseInputs:
     except CaseError as err:
         problems.append(err)
         folder = None
+    local = folder if folder and Path(folder).is_dir() else None
+    # e.g. --parity-model naming a 2511 folder for a 2509 run
+    mismatch = preflight.variant_problem(model, local, spec, job.path) if spec and folder else None
+    if mismatch:
+        problems.append(mismatch)
     checkpoints = index_checkpoints(case.folder, job.name, job.train_steps)
     ara, ara_problem, ara_file = accuracy_recovery_adapter(case, job)
-    return CaseInputs(job, model, folder if folder and Path(folder).is_dir() else None, scheduler, checkpoints,
-                      problems, ara, ara_problem, ara_file, spec)
+    return CaseInputs(job, model, local, scheduler, checkpoints, problems, ara, ara_problem, ara_file, spec)
 
 
 def accuracy_recovery_adapter(case: Case, job: TrainingJob) -> tuple[str | None, str | None, str | None]:
@@ -134,7 +136,8 @@ def preview_problems(case: Case, inputs: CaseInputs, pv: Preview) -> tuple[Sampl
     problems += preflight.size_problems(job.path, where, item.width, item.height,
                                         (item.requested_width, item.requested_height))
     try:
-        ckpt = lora_for_step(case.folder, job.name, pv.step, inputs.checkpoints)
+        ckpt = lora_for_step(case.folder, job.name, pv.step, inputs.checkpoints, job.max_step_saves_to_keep,
+                             job.save_every)
         if ckpt is not None:
             problems += preflight.lora_problems(str(ckpt.path), inputs.model_folder)
     except CaseError as err:
@@ -175,7 +178,11 @@ def case_tasks(case: Case, options: Options) -> list[Task]:
         item, problems = preview_problems(case, inputs, pv)
         task.prompt = item.prompt if item else ""
         problems = inputs.problems + problems
-        if problems:
+        pruned = [p for p in problems if isinstance(p, PrunedCheckpoint)]
+        if pruned:  # ai-toolkit deleted its LoRA: nothing to check it with, said as a skip
+            task.error = str(pruned[0])
+            task.notes.append("skipped")
+        elif problems:
             task.error = preflight.joined(problems)
         else:
             try:
@@ -241,6 +248,10 @@ def build_recipes(task: Task, case: Case, inputs: CaseInputs, pv: Preview, item:
                                     ara_file=inputs.ara_file)
     task.reference = reference_recipe(job, item, lora, case.resolve, scheduler=inputs.scheduler,
                                       device=options.device, dtype=options.dtype)
+    too_long = preflight.prompt_length_problems(job.path, f"sample item {item.index}", inputs.model_folder,
+                                                (task.training, task.reference))
+    if too_long:
+        task.error = preflight.joined(too_long)
     if job.unknown:
         task.notes.append("config keys not modelled: " + ", ".join(job.unknown))
 

@@ -8,13 +8,16 @@ inputs reports all of them in seconds. Nothing here writes.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from . import models
 from .errors import CaseError
+from .preprocess import VAE_RESIZE_REQUEST_BILINEAR, VAE_RESIZE_REQUEST_LANCZOS, image_size, prompt_size, vae_size
 
 # The largest image side the harness renders. The real Qwen-Image models are trained up to ~1.6 MP; a side
 # above 4096 px is a typo (it would need tens of GB for the latents alone), refused before anything is allocated.
@@ -23,6 +26,8 @@ MAX_SIDE = 4096
 MIN_REFERENCE_SIDE = 32
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 HUB_PROBE_SECONDS = 5.0  # one request, no retries: a hub that does not answer in this is unreachable
+LORA_NETWORKS = ("lora", "locon")  # ai-toolkit's networks saved as lora_A/lora_B pairs on linear layers
+ZERO_COND_T = {"qwen_image_edit_plus_2511"}  # the checkpoints whose transformer config sets zero_cond_t: true
 
 
 # -- images ----------------------------------------------------------------------------------------------------
@@ -128,6 +133,57 @@ def _locate_model(model: str, offline_env: str, hf_home: str) -> str:
     return model
 
 
+def model_variant(model: str, folder: str | None) -> tuple[models.Model, str] | None:
+    """The Qwen family member a model folder (or hub id) positively is, and the evidence; None where nothing says.
+
+    The folder's pipeline class (model_index.json) names the arch, its transformer's `zero_cond_t` tells 2511 from
+    2509, and a name (hub id, cache folder `models--Qwen--<name>`, or folder name) equal to a checkpoint's or
+    holding its tag (2509, 2511, 2512) decides what is left."""
+    candidates, evidence = list(models.rendered().values()), []
+    if folder is not None:
+        pipeline = _json(Path(folder) / "model_index.json").get("_class_name")
+        if pipeline in {m.pipeline for m in candidates}:
+            candidates = [m for m in candidates if m.pipeline == pipeline]
+            evidence.append(f"model_index.json: {pipeline}")
+        zero = _json(Path(folder) / "transformer" / "config.json").get("zero_cond_t")
+        if zero is not None and any(m.id in ZERO_COND_T for m in candidates):
+            candidates = [m for m in candidates if (m.id in ZERO_COND_T) == bool(zero)]
+            evidence.append(f"transformer zero_cond_t: {str(bool(zero)).lower()}")
+    name = _repository_name(model, folder)
+    named = [m for m in candidates if m.hub_id.split("/")[-1].lower() == name.lower()] or \
+            [m for m in candidates if m.variant and re.search(rf"(?<!\d){m.variant}(?!\d)", name)]
+    if len(candidates) > 1 and len(named) == 1:
+        candidates = named
+        evidence.append(f"named {name!r}")
+    return (candidates[0], ", ".join(evidence)) if len(candidates) == 1 else None
+
+
+def _repository_name(model: str, folder: str | None) -> str:
+    """A hub id's name, a Hugging Face cache snapshot's (`models--Qwen--<name>/snapshots/<hash>`), else the folder's."""
+    cached = [part for part in Path(folder or model).parts if part.startswith("models--")]
+    return cached[-1].split("--")[-1] if cached else Path(model).name
+
+
+def variant_problem(model: str, folder: str | None, trained: models.Model, config: Path) -> CaseError | None:
+    """The model given for a run is another member of the family than the one its config trained."""
+    found = model_variant(model, folder)
+    if found is None or found[0] == trained:
+        return None
+    other, evidence = found
+    return CaseError(model, f"is a checkpoint of {other.name}, but {config} trained {trained.name} (the model "
+                     f"says: {evidence})",
+                     f"point --parity-model (or `model:` in parity.yaml) at a {trained.hub_id} checkpoint, or check "
+                     f"the config's model.arch and name_or_path")
+
+
+def _json(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # nothing said: the folder's own check (locate_model) or its load names the problem
+    return doc if isinstance(doc, dict) else {}
+
+
 def _hub_reachable(model: str) -> tuple[bool, str]:
     import httpx
     from huggingface_hub import constants
@@ -142,9 +198,105 @@ def _hub_reachable(model: str) -> tuple[bool, str]:
     return True, ""
 
 
+# -- prompts ---------------------------------------------------------------------------------------------------
+
+def prompt_length_problems(config: Path, where: str, model_folder: str | None, recipes) -> list[CaseError]:
+    """A prompt (or negative prompt) taking more text positions than the transformer's rotary embedding has left
+    at the sample's size: the Qwen-Image-Edit pipelines do not truncate, so its render would stop on a shape error
+    (Qwen-Image's truncates to 512 tokens, on both sides alike)."""
+    if model_folder is None:
+        return []  # not here: nothing to count with (its problem is reported)
+    problems = []
+    for recipe in recipes:
+        for what, text in (("prompt", recipe.prompt), ("negative prompt", recipe.negative_prompt)):
+            used, limit = text_positions(model_folder, recipe, text)
+            if used > limit:
+                problems.append(CaseError(
+                    config, f"{where}: the {what} takes {used} text positions (its tokens, counted with the "
+                    f"model's tokenizer, with the pipeline's template and control-image tokens) but the "
+                    f"transformer's rotary embedding has {limit} left for text at this size",
+                    f"shorten the {what} in the config by at least {used - limit} tokens"))
+    return problems
+
+
+def text_positions(model_folder: str, recipe, text: str) -> tuple[int, int]:
+    """(text positions `text` takes, positions the rotary embedding has left for text) on the side `recipe`
+    renders, laid out as the renderer does: the target and each VAE control image take the first positions."""
+    pipe, rope = _prompt_encoder(model_folder, models.by_name(recipe.model).pipeline)
+    sizes = tuple(prompt_size(*image_size(p), recipe.control_prompt_resize) for p in recipe.control_images_prompt)
+    to_request = recipe.control_vae_resize in (VAE_RESIZE_REQUEST_BILINEAR, VAE_RESIZE_REQUEST_LANCZOS)
+    vae = [vae_size(*((recipe.width, recipe.height) if to_request else image_size(p)))
+           for p in recipe.control_images_vae]
+    multiple = pipe.vae_scale_factor * 2
+    shapes = [(recipe.width // multiple, recipe.height // multiple), *((w // multiple, h // multiple) for w, h in vae)]
+    taken = max(max(w // 2, h // 2) if rope.scale_rope else max(w, h) for w, h in shapes)
+    return _text_length(model_folder, recipe.model, text, sizes), rope.pos_freqs.shape[0] - taken
+
+
+SMALL = 56  # px: a stand-in image's side (any size works; small keeps the processor's pixel work to milliseconds)
+
+
+@functools.lru_cache(maxsize=1024)
+def _text_length(model_folder: str, model: str, text: str, sizes: tuple[tuple[int, int], ...]) -> int:
+    import torch
+
+    pipe, _ = _prompt_encoder(model_folder, models.by_name(model).pipeline)
+    # The pipeline lays the prompt out around small stand-ins (an image's pixel work is seconds at full size);
+    # each image's own token count, from the processor's patch grid for its size, then replaces the stand-in's.
+    small = [torch.zeros(1, 3, SMALL, SMALL) for _ in sizes]
+    embeds, _ = models.rules(models.by_name(model)).encode_prompt(pipe, text, small, "cpu")
+    return embeds.shape[1] + sum(_image_tokens(pipe, w, h) - _image_tokens(pipe, SMALL, SMALL) for w, h in sizes)
+
+
+def _image_tokens(pipe, width: int, height: int) -> int:
+    processor = pipe.processor.image_processor
+    return processor.get_number_of_image_patches(height, width, {}) // processor.merge_size ** 2
+
+
+@functools.lru_cache(maxsize=4)
+def _prompt_encoder(model_folder: str, pipeline: str):
+    """The stock pipeline with the model's own tokenizer (and processor) and a text encoder that returns only the
+    sequence length, so its encode_prompt lays a prompt out as it renders; and the model's rotary embedding, from
+    its transformer built on the meta device (no weights read)."""
+    import diffusers
+    import torch
+    import transformers
+
+    class SequenceLength(torch.nn.Module):
+        dtype = torch.float32
+
+        def forward(self, input_ids, **_):
+            return transformers.modeling_outputs.BaseModelOutput(hidden_states=(torch.zeros(*input_ids.shape, 1),))
+
+    index = _json(Path(model_folder) / "model_index.json")
+    try:
+        parts = {name: getattr(transformers, index[name][1]).from_pretrained(Path(model_folder) / name)
+                 for name in ("tokenizer", "processor") if name in index}
+        pipe = getattr(diffusers, pipeline)(scheduler=None, vae=None, transformer=None,
+                                            text_encoder=SequenceLength(), **parts)
+        transformer = getattr(diffusers, index["transformer"][1])
+        config = transformer.load_config(model_folder, subfolder="transformer")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CaseError(model_folder, f"cannot read the model's tokenizer or transformer config for its "
+                        f"{pipeline} ({exc.__class__.__name__}: {exc})",
+                        "point `model:` at a complete diffusers folder (model_index.json, tokenizer/, processor/ "
+                        "for the edit models, transformer/config.json)") from None
+    with torch.device("meta"):
+        rope = transformer.from_config(config).pos_embed
+    return pipe, rope
+
+
 # -- LoRA checkpoints ------------------------------------------------------------------------------------------
 
 LORA_PREFIX = "diffusion_model."
+
+
+def check_network(job) -> None:
+    """A run whose network is not a LoRA (LoKr, LoHa: other factors than lora_A/lora_B) cannot be rendered."""
+    if job.network_type.lower() not in LORA_NETWORKS:
+        raise CaseError(job.path, f"network.type is {job.network_type!r}, which is not supported: the harness "
+                        f"renders LoRA networks only ({', '.join(LORA_NETWORKS)})",
+                        "check a run trained with `network: {type: lora}`")
 
 
 @functools.lru_cache(maxsize=8)

@@ -116,14 +116,32 @@ def index_checkpoints(folder: Path, name: str, last_step: int | None = None) -> 
     return found
 
 
-def lora_for_step(folder: Path, name: str, step: int, checkpoints: dict[int, Checkpoint]) -> Checkpoint | None:
-    """The checkpoint the preview at `step` was rendered with; None at step 0 (an untrained LoRA is a no-op)."""
+class PrunedCheckpoint(CaseError):
+    """The checkpoint of a preview's step was deleted by ai-toolkit itself: the preview cannot be checked (skipped)."""
+
+
+def pruned(step: int, checkpoints: dict[int, Checkpoint], keep: int, every: int) -> bool:
+    """Whether ai-toolkit deleted the checkpoint of `step`: it saved one there (a multiple of save.save_every) and
+    keeps only the newest `keep` step files (save.max_step_saves_to_keep; 0 or less keeps all), all still here."""
+    kept = sorted(s for s, c in checkpoints.items() if not c.final)
+    return 0 < keep <= len(kept) and step < kept[0] and step % max(every, 1) == 0
+
+
+def lora_for_step(folder: Path, name: str, step: int, checkpoints: dict[int, Checkpoint], keep: int = 0,
+                  every: int = 0) -> Checkpoint | None:
+    """The checkpoint the preview at `step` was rendered with; None at step 0 (an untrained LoRA is a no-op).
+    A missing one is a PrunedCheckpoint where ai-toolkit deleted it (`keep`, `every`: the config's save settings)."""
     if step == 0:
         return None
     if step in checkpoints:
         return checkpoints[step]
     have = ", ".join(str(s) for s in sorted(checkpoints)) or "none"
-    raise CaseError(folder / f"{name}_{step:09d}.safetensors",
-                    f"no LoRA checkpoint for step {step} (checkpoints found for steps: {have})",
-                    "copy that checkpoint from the training machine (ai-toolkit deletes old ones past "
-                    "save.max_step_saves_to_keep), or remove the previews of that step")
+    path = folder / f"{name}_{step:09d}.safetensors"
+    if pruned(step, checkpoints, keep, every):
+        raise PrunedCheckpoint(path, f"no LoRA checkpoint for step {step}: ai-toolkit deleted it, as it keeps only "
+                               f"the newest save.max_step_saves_to_keep = {keep} step checkpoints (found for steps: "
+                               f"{have}), so this preview cannot be checked",
+                               "copy it from the training machine if it is still there; a run with a higher "
+                               "save.max_step_saves_to_keep keeps every preview checkable")
+    raise CaseError(path, f"no LoRA checkpoint for step {step} (checkpoints found for steps: {have})",
+                    "copy that checkpoint from the training machine, or remove the previews of that step")

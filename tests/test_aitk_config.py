@@ -178,3 +178,11 @@ def test_a_qtype_with_two_pipes_is_refused_naming_the_file(tmp_path):
     with pytest.raises(CaseError, match="more than one '\\|'") as err:
         load_job(path)
     assert str(path) in str(err.value)
+
+
+def test_network_type_and_save_settings_with_ai_toolkits_defaults(tmp_path):
+    plain = load_job(write_config(tmp_path, {"prompts": ["a"]}))
+    assert (plain.network_type, plain.save_every, plain.max_step_saves_to_keep) == ("lora", 1000, 5)
+    job = load_job(write_config(tmp_path, {"prompts": ["a"]}, network={"type": "lokr", "lokr_factor": 4},
+                                save={"save_every": 250, "max_step_saves_to_keep": 2}))
+    assert (job.network_type, job.save_every, job.max_step_saves_to_keep) == ("lokr", 250, 2)

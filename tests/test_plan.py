@@ -1,4 +1,5 @@
-"""plan: what a quantized run's accuracy recovery adapter (ARA) does to its recipes and its training render."""
+"""plan: what a quantized run's accuracy recovery adapter (ARA) does to its recipes and its training render;
+previews whose checkpoint ai-toolkit pruned; the model of a run written on a Windows machine."""
 
 from __future__ import annotations
 
@@ -110,3 +111,51 @@ def test_parity_explain_says_why_a_quantized_preview_has_no_attribution(quantize
                  "--report-dir", str(tmp_path / "r"), "--metrics", ""]) == 0
     out = capsys.readouterr().out
     assert "attribution not measured: the training recipe is not rendered here:" in out and ARA in out
+
+
+def pruned_root(tmp_path, keep: int) -> Path:
+    """The tiny v1 run as ai-toolkit leaves it with `max_step_saves_to_keep: <keep>`: the step-2 checkpoint gone,
+    the step-4 one kept beside the final file."""
+    root = tmp_path / "cases"
+    shutil.copytree(TINY_CASES / "workspace" / "aitk", root / "aitk", ignore=shutil.ignore_patterns("*strong*"))
+    case = root / "aitk" / "output" / V1.name
+    (case / f"{V1.name}_000000002.safetensors").unlink()
+    shutil.copy(case / f"{V1.name}.safetensors", case / f"{V1.name}_000000004.safetensors")
+    config = case / "config.yaml"
+    config.write_text(config.read_text().replace("max_step_saves_to_keep: 4", f"max_step_saves_to_keep: {keep}"))
+    return root
+
+
+def test_previews_whose_checkpoint_ai_toolkit_pruned_are_skipped_rows_with_the_reason(tmp_path):
+    from parity.runner import run
+
+    options = Options(cases=(pruned_root(tmp_path, keep=1),), report_dir=tmp_path / "r", device="cpu", metrics=())
+    tasks = plan(options)
+    assert [t.id for t in tasks if t.error] == [f"{V1.name}/2/{i}" for i in range(3)]
+    rows = run(options, [t for t in tasks if t.error])
+    assert {r["verdict"] for r in rows} == {"skipped"}
+    for row in rows:
+        assert "no LoRA checkpoint for step 2: ai-toolkit deleted it" in row["reason"]
+        assert "save.max_step_saves_to_keep = 1" in row["reason"] and "found for steps: 4" in row["reason"]
+
+
+def test_a_checkpoint_ai_toolkit_would_have_kept_stays_an_error(tmp_path):
+    tasks = plan(Options(cases=(pruned_root(tmp_path, keep=4),), device="cpu", metrics=()))
+    missing = [t for t in tasks if t.error]
+    assert [t.id for t in missing] == [f"{V1.name}/2/{i}" for i in range(3)]
+    assert all("skipped" not in t.notes and "no LoRA checkpoint for step 2 (" in t.error for t in missing)
+
+
+def test_a_windows_model_path_maps_through_paths(tmp_path):
+    from parity.case import discover
+    from parity.plan import model_for
+
+    root = tmp_path / "cases"
+    shutil.copytree(V1, root / V1.name, ignore=shutil.ignore_patterns("optimizer.pt"))
+    case_folder = root / V1.name
+    config = case_folder / "config.yaml"
+    config.write_text(config.read_text().replace("name_or_path: /workspace/aitk/tiny-qwen-image-edit-2509",
+                                                 r"name_or_path: D:\models\tiny-qwen-image-edit-2509"))
+    (case_folder / "parity.yaml").write_text(f"paths: {{'d:/Models': {TINY_MODEL.parent}}}\n")
+    [case] = discover([root])
+    assert model_for(case, case.job(), Options(cases=(root,))) == str(TINY_MODEL)

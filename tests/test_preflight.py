@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_CASES, TINY_MODEL, V1
+from conftest import CASES, DEMO_MODEL, TINY_CASES, TINY_MODEL, V1
 from parity import preflight
 from parity.errors import CaseError
 from parity.options import Options
@@ -146,6 +146,12 @@ CORPUS = {
                                [f"{NAME}_000000002.safetensors", "do not fit this transformer's shapes"]),
     "no_previews": (lambda c: [p.unlink() for p in (c / "samples").glob("*.jpg")],
                     "config", ["samples", "holds no preview images", "fix:"]),
+    "lokr_network": (lambda c: edit(c / "config.yaml", "      type: lora\n", "      type: lokr\n"),
+                     "all", ["config.yaml", "network.type is 'lokr'", "not supported", "fix:"]),
+    "model_of_another_variant": (lambda c: (c / "parity.yaml").write_text(
+        f"model: {DEMO_MODEL.parent / 'demo-qwen-image-edit-2511'}\npaths:\n  /workspace: ../../..\n"),
+        "all", ["demo-qwen-image-edit-2511", "is a checkpoint of qwen_image_edit_plus:2511",
+                "config.yaml trained qwen_image_edit_plus:2509", "zero_cond_t: true", "fix:"]),
 }
 
 
@@ -277,3 +283,114 @@ def test_a_root_without_cases_or_missing_is_a_row(tmp_path):
     assert [t.id for t in tasks] == ["empty/cases root", "missing/cases root"]
     assert "holds no ai-toolkit output folder" in tasks[0].error and "fix:" in tasks[0].error
     assert "does not exist" in tasks[1].error
+
+
+def test_a_loha_run_is_not_supported_instead_of_its_keys_matching_nothing_and_locon_plans(tmp_path):
+    root = tmp_path / "cases"
+    case = make_case(root)
+    edit(case / "config.yaml", "      type: lora\n", "      type: loha\n")
+    tasks = plan(Options(cases=(root,), device="cpu"))
+    assert len(tasks) == 9 and all(t.error == str(CaseError(
+        case / "config.yaml", "network.type is 'loha', which is not supported: the harness renders LoRA networks "
+        "only (lora, locon)", "check a run trained with `network: {type: lora}`")) for t in tasks)
+    edit(case / "config.yaml", "      type: loha\n", "      type: locon\n")
+    assert all(t.error is None for t in plan(Options(cases=(root,), device="cpu")))
+
+
+@pytest.mark.parametrize("folder,expected", [
+    ("demo-qwen-image-edit-2509", "qwen_image_edit_plus"),  # zero_cond_t: false
+    ("demo-qwen-image-edit-2511", "qwen_image_edit_plus_2511"),  # zero_cond_t: true
+    ("demo-qwen-image-edit", "qwen_image_edit"),  # the one arch of QwenImageEditPipeline
+    ("demo-qwen-image-2512", "qwen_image_2512"),  # by its name's tag
+    ("demo-qwen-image", None),  # QwenImagePipeline and no tag: Qwen-Image or a renamed 2512, nothing says which
+])
+def test_a_model_folder_says_which_family_member_it_is_only_when_it_can(folder, expected):
+    found = preflight.model_variant(str(DEMO_MODEL.parent / folder), str(DEMO_MODEL.parent / folder))
+    assert (found and found[0].id) == expected
+
+
+def test_a_hub_id_or_a_renamed_folder_says_it_too(tmp_path):
+    from parity import models
+
+    assert preflight.model_variant("Qwen/Qwen-Image-Edit-2511", None)[0].id == "qwen_image_edit_plus_2511"
+    assert preflight.model_variant("Qwen/Qwen-Image", None)[0].id == "qwen_image"
+    assert preflight.model_variant("someone/my-finetune", None) is None
+    renamed = tmp_path / "hub" / "models--me--checkpoint" / "snapshots" / "abc"
+    shutil.copytree(DEMO_MODEL.parent / "demo-qwen-image-edit-2511", renamed,
+                    ignore=shutil.ignore_patterns("*.safetensors", "*.json.gz"))
+    assert preflight.model_variant("me/checkpoint", str(renamed))[0].id == "qwen_image_edit_plus_2511"
+    plus_2509 = models.rendered()["qwen_image_edit_plus"]
+    problem = preflight.variant_problem("me/checkpoint", str(renamed), plus_2509, Path("run/config.yaml"))
+    assert str(problem).startswith("me/checkpoint: is a checkpoint of qwen_image_edit_plus:2511")
+    assert "run/config.yaml trained qwen_image_edit_plus:2509" in str(problem)
+    assert "Qwen/Qwen-Image-Edit-2509" in problem.fix
+    assert preflight.variant_problem("Qwen/Qwen-Image-Edit-2509", None, plus_2509, Path("c.yaml")) is None
+
+
+@pytest.mark.parametrize("case_name", ["demo_qwen_image_edit_plus_lora_v1", "demo_qwen_image_edit_lora"])
+def test_a_prompt_takes_the_text_positions_the_models_encoder_gives_it(case_name):
+    """Counted without the text encoder (the model's tokenizer and processor, the stock pipeline's template): the
+    length of the prompt embeddings the renderer gets from the real one, on both sides (their control images reach
+    the encoder at different sizes)."""
+    import torch
+
+    from parity.pipeline import LoadedModel
+    from parity.render import encode_prompt, open_control
+
+    tasks = list({t.index: t for t in plan(Options(cases=(CASES / "workspace" / "aitk" / "output" / case_name,),
+                                                    device="cpu", dtype="float32")) if not t.error}.values())
+    folder = preflight.locate_model(tasks[0].model)
+    loaded = LoadedModel(folder, "cpu", "float32", pipeline=models_pipeline(tasks[0].reference))
+    for recipe in [r for t in tasks for r in (t.training, t.reference)]:
+        images = [open_control(p) for p in recipe.control_images_prompt]
+        with torch.no_grad():
+            embeds, _ = encode_prompt(loaded, recipe.prompt + " and more words", images, recipe.control_prompt_resize,
+                                      torch.float32)
+        used, _ = preflight.text_positions(folder, recipe, recipe.prompt + " and more words")
+        assert used == embeds.shape[1], recipe.control_prompt_resize
+
+
+def models_pipeline(recipe) -> str:
+    from parity import models
+
+    return models.by_name(recipe.model).pipeline
+
+
+def test_the_text_position_limit_is_where_the_models_transformer_stops():
+    import torch
+    from diffusers import QwenImageTransformer2DModel
+
+    [task] = [t for t in plan(Options(cases=(CASES / "workspace" / "aitk" / "output" /
+                                             "demo_qwen_image_edit_plus_lora_v1",), device="cpu", dtype="float32"))
+              if t.id.endswith("/0/0")]
+    small = task.reference.with_fields(width=64, height=64, control_images_prompt=(), control_images_vae=())
+    _, limit = preflight.text_positions(str(DEMO_MODEL), small, "")
+    _, wide_limit = preflight.text_positions(str(DEMO_MODEL), task.reference, "")
+    assert limit == 4096 - 2 and wide_limit == 4096 - 32  # the image's positions come first: 64 px, 1024 px
+    transformer = QwenImageTransformer2DModel.from_pretrained(DEMO_MODEL, subfolder="transformer")
+
+    def forward(text_positions: int):
+        with torch.no_grad():
+            transformer(hidden_states=torch.zeros(1, 16, 64), timestep=torch.tensor([0.5]),
+                        encoder_hidden_states=torch.zeros(1, text_positions, 16), img_shapes=[[(1, 4, 4)]])
+    forward(limit)
+    with pytest.raises(RuntimeError, match="must match the size"):
+        forward(limit + 1)
+
+
+def test_a_prompt_longer_than_the_models_text_positions_is_an_error_before_any_render(tmp_path):
+    """A 4,900-character prompt (CJK: ~3 tokens a character in the demo model's small vocabulary) on the demo model:
+    an error row naming the config, the sample item, its count and the limit; the other items plan as usual."""
+    root = tmp_path / "cases"
+    shutil.copytree(CASES / "workspace" / "aitk" / "data", root / "aitk" / "data")
+    case = root / "aitk" / "output" / "demo_qwen_image_edit_plus_lora_v1"
+    shutil.copytree(CASES / "workspace" / "aitk" / "output" / case.name, case,
+                    ignore=shutil.ignore_patterns("optimizer.pt"))
+    (case / "parity.yaml").write_text(f"model: {DEMO_MODEL}\npaths:\n  /workspace: ../../..\n")
+    edit(case / "config.yaml", "prompt: make the shapes blue", "prompt: " + "狐狸跳过懒狗" * 817)
+    tasks = {t.id: t for t in plan(Options(cases=(root,), device="cpu", dtype="float32"))}
+    for step in (0, 4):
+        error = tasks[f"{case.name}/{step}/1"].error
+        assert error.startswith(f"{case / 'config.yaml'}: sample item 1: the prompt takes 15")
+        assert "text positions" in error and "has 4064 left for text" in error and "fix: shorten the prompt" in error
+        assert tasks[f"{case.name}/{step}/0"].error is None and tasks[f"{case.name}/{step}/2"].error is None

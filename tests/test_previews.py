@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
 from conftest import PARITY_A, V1
 from parity.errors import CaseError
-from parity.previews import index_checkpoints, index_previews, lora_for_step
+from parity.previews import Checkpoint, PrunedCheckpoint, index_checkpoints, index_previews, lora_for_step, pruned
 
 
 def test_v1_previews_and_checkpoints():
@@ -40,7 +41,33 @@ def test_missing_step_checkpoint_names_the_file_and_the_fix():
         lora_for_step(V1, "tiny_qwen_image_edit_plus_lora_v1", 3, ckpts)
     text = str(err.value)
     assert "tiny_qwen_image_edit_plus_lora_v1_000000003.safetensors" in text and "steps: 2, 4" in text
-    assert "max_step_saves_to_keep" in text
+    assert "fix: copy that checkpoint" in text and not isinstance(err.value, PrunedCheckpoint)
+
+
+# A run that saved every 250 steps and kept 4 step files (ai-toolkit deleted 250..1000) and its final file at 2500.
+KEPT = {s: Checkpoint(Path(f"job_{s:09d}.safetensors"), s, False) for s in (1250, 1500, 1750, 2000)}
+KEPT[2500] = Checkpoint(Path("job.safetensors"), 2500, True)
+
+
+def test_a_checkpoint_ai_toolkit_pruned_is_said_so():
+    with pytest.raises(PrunedCheckpoint) as err:
+        lora_for_step(Path("run"), "job", 500, KEPT, keep=4, every=250)
+    text = str(err.value)
+    assert "job_000000500.safetensors" in text and "no LoRA checkpoint for step 500" in text
+    assert "max_step_saves_to_keep = 4" in text and "found for steps: 1250, 1500, 1750, 2000, 2500" in text
+
+
+@pytest.mark.parametrize("step,keep,every,why", [
+    (2250, 4, 250, "newer than the oldest kept: ai-toolkit would have kept it"),
+    (500, 0, 250, "the run keeps every checkpoint"),
+    (500, 5, 250, "fewer step files than it keeps: none was deleted"),
+    (600, 4, 250, "no save at this step (not a multiple of save_every)"),
+])
+def test_a_checkpoint_missing_for_another_reason_stays_an_error(step, keep, every, why):
+    with pytest.raises(CaseError) as err:
+        lora_for_step(Path("run"), "job", step, KEPT, keep=keep, every=every)
+    assert not isinstance(err.value, PrunedCheckpoint), why
+    assert pruned(500, KEPT, 4, 250) and not pruned(step, KEPT, keep, every)
 
 
 def test_damaged_final_checkpoint_is_reported_per_preview_not_for_the_case(tmp_path):
