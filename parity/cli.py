@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import expectations
 from . import options as table
 from .options import OptionError
 from .interrupt import stop_on_sigterm
@@ -86,11 +87,17 @@ def main(argv: list[str] | None = None) -> int:
               f"command again to finish (finished renders come from the cache)", file=sys.stderr)
         return 130
     progress.close()
+    sources = {t.id: t.expect.source for t in tasks if t.expect}
     for r in records:
-        if r["verdict"] not in ("match", "explained"):
+        unexpected = expectations.problem(r, sources.get(r["id"]))
+        if unexpected:
+            print(f"{r['verdict']:<24} {unexpected}")
+        elif r.get("expected_outcome") == expectations.EXPECTED:
+            print(f"{r['verdict'] + ' (expected)':<24} {r['id']}  {r['expected_reason']}")
+        elif r["verdict"] not in expectations.PASSING:
             print(f"{r['verdict']:<24} {r['id']}  {r['reason']}")
     print(summary_line(records), f"-> {options.report_dir / 'index.html'}")
-    return 0 if all(r["verdict"] in ("match", "explained", "skipped") for r in records) else 1
+    return 0 if all(expectations.passes(r) for r in records) else 1
 
 
 class Progress:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from . import expectations
 from . import options as table
 from .options import OptionError
 from .plan import Task
@@ -108,18 +109,31 @@ class ParityPlugin:
 
     def verify(self, task) -> None:
         with INTERRUPT.check():
-            row = self.checker.check(task)
+            row = self.checker.check(task, self._session_tasks())
         self._node.user_properties.append(("parity_record", json.dumps(row, default=str)))
         verdict = row["verdict"]
         if verdict == "skipped":
             pytest.skip(row["reason"])
-        if verdict not in ("match", "explained"):
+        unexpected = expectations.problem(row, task.expect.source if task.expect else None)
+        if unexpected:  # strict: a declared gap that closed, or turned into another verdict, is news
+            pytest.fail(unexpected + "\n" + failure_message(row, self.options.report_dir), pytrace=False)
+        expected = row.get("expected_outcome") == expectations.EXPECTED
+        if verdict not in expectations.PASSING and not expected:
             pytest.fail(failure_message(row, self.options.report_dir), pytrace=False)
         golden = row.get("golden_verdict", "")
         if golden == "missing":
             pytest.skip(row["golden_reason"])
         if golden.startswith("drift") or golden == "recipe changed":
             pytest.fail(failure_message(row, self.options.report_dir), pytrace=False)
+        if expected:  # the known gap parity.yaml declares: XFAIL, with its reason
+            pytest.xfail(expectations.note(row))
+
+    def _session_tasks(self) -> list[Task]:
+        """The previews this process will check (after -k and deselection; under xdist --dist loadgroup a case's
+        previews all go to one worker)."""
+        items = self._session.items if self._session is not None else []
+        return [t for t in (getattr(getattr(i, "callspec", None), "params", {}).get("parity_task") for i in items)
+                if isinstance(t, Task)]
 
     def pytest_report_teststatus(self, report, config):
         """`-v` shows each preview's verdict and seconds next to its id."""
@@ -131,9 +145,15 @@ class ParityPlugin:
         word = {"passed": "PASSED", "failed": "FAILED", "skipped": "SKIPPED"}[report.outcome]
         letter = {"passed": ".", "failed": "F", "skipped": "s"}[report.outcome]
         colour = {"passed": {"green": True}, "failed": {"red": True}, "skipped": {"yellow": True}}[report.outcome]
+        category = report.outcome
         seconds = record.get("check_seconds")
         timing = f" {seconds:.1f}s" if isinstance(seconds, (int, float)) else ""
-        return report.outcome, letter, (f"{word} ({record.get('verdict')}{timing})", colour)
+        verdict = record.get("verdict")
+        if record.get("expected_outcome"):  # a declared gap (parity.yaml `expect:`): as declared, or not
+            verdict = f"{verdict}, {record['expected_outcome']}"
+        if hasattr(report, "wasxfail"):
+            category, letter, word, colour = "xfailed", "x", "XFAIL", {"yellow": True}
+        return category, letter, (f"{word} ({verdict}{timing})", colour)
 
     def pytest_sessionfinish(self, session, exitstatus):
         if not self.records or hasattr(self.config, "workerinput"):
@@ -176,6 +196,9 @@ def failure_message(row: dict, report_dir: Path) -> str:
         lines += [f"    {f['field']}: {f['training']} -> {f['reference']}  ({f['effect']})" for f in findings]
     if row.get("golden_verdict"):
         lines.append(f"  golden: {row['golden_verdict']} {row.get('golden_reason', '')}".rstrip())
+    if row.get("verdict") in expectations.DECLARABLE and not row.get("expected_outcome"):
+        lines.append(f"  a known, understood gap? declare it in the case's parity.yaml: "
+                     f"`expect: {{verdict: {row['verdict']}, reason: \"...\"}}`")
     lines.append(f"  report: {Path(report_dir) / 'index.html'}")
     return "\n".join(lines)
 

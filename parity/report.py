@@ -24,6 +24,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
 from . import images
+from .expectations import EXPECTED
 from .recipe import FIELD_NAMES
 from .store import write_atomic
 
@@ -37,6 +38,7 @@ COLUMNS = [
     "top_cause", "top_cause_share", "causes", "golden_verdict", "golden_max_abs", "golden_fingerprint",
     "lpips_alex", "stlpips_alex", "check_seconds", "renders",
     "server_request_id", "server_seconds", "server_image", "server_vs_local_mean_abs", "server_vs_local_max_abs",
+    "expected_verdict", "expected_reason", "expected_outcome",
 ]
 # Then any `hint_*` columns (sorted), then whatever else the records carry, in order of first appearance.
 
@@ -167,7 +169,19 @@ def _causes(record: dict) -> dict | None:
             "training_distance": _num(data.get("training_distance")), "causes": causes}
 
 
+def shown_verdict(record: dict) -> str:
+    """The verdict as the pages show it: with a gap declared in parity.yaml (`expect:`), `<verdict> (expected)`
+    when it is the declared one, else `<verdict> (unexpected)`."""
+    verdict, outcome = _text(record.get("verdict")), _text(record.get("expected_outcome"))
+    if not outcome:
+        return verdict
+    return f"{verdict} ({'expected' if outcome == EXPECTED else 'unexpected'})"
+
+
 def verdict_class(verdict: str) -> str:
+    for label in ("expected", "unexpected"):  # a declared gap: its own colour, whatever the verdict
+        if (verdict or "").endswith(f" ({label})"):
+            return f"v-{label}"
     return "v-" + (re.sub(r"[^a-z0-9]+", "-", (verdict or "none").lower()).strip("-") or "none")
 
 
@@ -200,7 +214,7 @@ def _row(record: dict, folder: Path, page_dir: Path, listings: dict[Path, dict] 
     a = "preview" if "preview" in names else (names[0] if names else None)
     b = next((k for k in ["reference", *names] if k in names and k != a), None)
     return {"r": record, "case": case, "slug": case_slug(case), "anchor": "p-" + re.sub(r"[^A-Za-z0-9_-]", "_", stem),
-            "verdict": record.get("verdict") or "", "vclass": verdict_class(record.get("verdict") or ""),
+            "verdict": shown_verdict(record), "vclass": verdict_class(shown_verdict(record)),
             "ssim": _num(record.get("ssim")), "lpips": _num(record.get("lpips_alex")),
             "stlpips": _num(record.get("stlpips_alex")), "top_cause": _text(record.get("top_cause")),
             "top_share": _num(record.get("top_cause_share")), "step": _num(record.get("step")),
@@ -327,7 +341,7 @@ def render_pages(records: list[dict], env: dict, folder: Path) -> dict[str, str]
 
     counts: dict[str, int] = {}
     for r in records:
-        counts[_text(r.get("verdict")) or "(none)"] = counts.get(_text(r.get("verdict")) or "(none)", 0) + 1
+        counts[shown_verdict(r) or "(none)"] = counts.get(shown_verdict(r) or "(none)", 0) + 1
     cases: dict[str, list[dict]] = {}
     index_rows = []
     listings: dict[Path, dict] = {}  # each case's image folder, read once for all its previews

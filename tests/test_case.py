@@ -129,3 +129,32 @@ def test_broken_parity_yaml_makes_a_broken_case(tmp_path):
     (case.folder / "parity.yaml").write_text("paths: [1, 2]\n")
     [broken] = discover([case.root])
     assert broken.__class__.__name__ == "BrokenCase" and "paths:" in str(broken.error)
+
+
+def test_parity_yaml_expect_declares_a_known_gap(tmp_path):
+    (tmp_path / "parity.yaml").write_text(
+        'expect:\n  verdict: mismatch\n  reason: "qfloat8 base: cfg_norm closes 0.67"\n  previews: ["*__000000002_0.*"]\n')
+    [gap] = read_settings(tmp_path).expect
+    assert (gap.verdict, gap.reason, gap.previews) == ("mismatch", "qfloat8 base: cfg_norm closes 0.67",
+                                                       ("*__000000002_0.*",))
+    assert gap.source == str(tmp_path / "parity.yaml")
+    assert read_settings(tmp_path / "none").expect == ()  # no parity.yaml: nothing declared
+
+
+def test_parity_yaml_expect_without_a_reason_names_the_file_and_the_fix(tmp_path):
+    (tmp_path / "parity.yaml").write_text("expect: mismatch\n")
+    with pytest.raises(CaseError) as err:
+        read_settings(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / 'parity.yaml'}: `expect: mismatch` needs a reason")
+    assert 'fix: write `expect: {verdict: mismatch, reason: "<why this gap is known>"}`' in str(err.value)
+    (tmp_path / "parity.yaml").write_text("expect: {verdict: mismatch}\n")
+    with pytest.raises(CaseError, match="has no reason.*fix: add `reason:`"):
+        read_settings(tmp_path)
+
+
+def test_bundled_quantized_cases_declare_their_measured_gap():
+    from conftest import CASES
+
+    for name, share in (("demo_qwen_edit_plus_qfloat8", "0.67"), ("demo_qwen_edit_plus_uint3_ara", "0.99")):
+        [gap] = read_settings(CASES / "workspace" / "aitk" / "output" / name).expect
+        assert gap.verdict == "mismatch" and gap.previews == () and f"cfg_norm alone closes {share}" in gap.reason

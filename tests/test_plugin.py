@@ -101,3 +101,29 @@ def test_other_suites_keep_their_signal_handling(pytester):
     """)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+def test_declared_gap_passes_as_xfail_and_fails_once_it_closes(pytester, small_root, tmp_path, render_cache):
+    """`expect:` in parity.yaml: a preview that mismatches as declared passes (XFAIL, exit 0 when nothing else
+    fails); once it matches, it fails and says to remove the declaration (strict)."""
+    settings = next(small_root.rglob("parity.yaml"))
+    plain = settings.read_text()
+    gap = 'expect: {verdict: mismatch, reason: "strict thresholds", previews: ["*__000000003_0.*"]}\n'
+    quick = ("--parity-explain", "none", "--parity-metrics", "")  # two renders a preview, the same in both runs
+    settings.write_text(plain + "thresholds: {max_abs_max: 0}\n" + gap)  # both previews mismatch
+    result = run_suite(pytester, small_root, tmp_path / "r1", render_cache, *quick)
+    result.assert_outcomes(xfailed=1, failed=1)  # 3/0 as declared; 6/1's mismatch is not declared: red
+    result.stdout.fnmatch_lines(["*test_preview?tiny_qwen_edit_plus_parity_a/3/0? XFAIL (mismatch, expected *s)*",
+                                 "*6/1? FAILED (mismatch *s)*", "*a known, understood gap? declare it*"])
+    csv = pd.read_csv(tmp_path / "r1" / "parity.csv").set_index("id")
+    row = csv.loc["tiny_qwen_edit_plus_parity_a/3/0"]
+    assert (row["verdict"], row["expected_verdict"], row["expected_outcome"], row["expected_reason"]) == \
+           ("mismatch", "mismatch", "expected", "strict thresholds")
+    settings.write_text(plain + gap)  # the case's own thresholds: 3/0 matches where a mismatch is declared
+    result = run_suite(pytester, small_root, tmp_path / "r2", render_cache, *quick)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*3/0? FAILED (match, unexpectedly matches *s)*",
+                                 "*tiny_qwen_edit_plus_parity_a/3/0: match, unexpectedly: * declares `expect: "
+                                 "mismatch` (strict thresholds). The known gap is gone: remove the `expect:` entry "
+                                 "for this preview from *parity.yaml*"])
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
