@@ -390,7 +390,10 @@ def summary_line(records: list[dict]) -> str:
     """Verdict counts and what the renders cost, for the end of a run (pytest and `parity run`)."""
     counts: dict[str, int] = {}
     for r in records:
-        counts[r.get("verdict") or "(none)"] = counts.get(r.get("verdict") or "(none)", 0) + 1
+        shown = r.get("verdict") or "(none)"
+        if r.get("expected_outcome"):  # a gap parity.yaml declares: as declared, or news
+            shown += f" ({'expected' if r['expected_outcome'] == expectations.EXPECTED else 'unexpected'})"
+        counts[shown] = counts.get(shown, 0) + 1
     verdicts = ", ".join(f"{n} {v}" for v, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     made = sum(r.get("renders") or 0 for r in records)
     seconds = sum(r.get("check_seconds") or 0 for r in records)

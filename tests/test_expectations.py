@@ -118,3 +118,11 @@ def test_parity_run_exit_code_follows_the_declarations(monkeypatch, tmp_path, ca
     tasks[0].expect = None  # the same mismatch, undeclared: red
     monkeypatch.setattr(cli, "run", lambda options, tasks, progress=None: [apply(record("mismatch"), None)])
     assert cli.main(args) == 1
+
+
+def test_the_summary_line_says_which_gaps_were_declared():
+    from parity.runner import summary_line
+
+    line = summary_line([{"verdict": "mismatch", "expected_outcome": "expected"}, {"verdict": "match"},
+                         {"verdict": "match", "expected_outcome": "unexpectedly matches"}])
+    assert "1 mismatch (expected)" in line and "1 match (unexpected)" in line and "1 match," in line
