@@ -74,7 +74,7 @@ def pixel_code() -> str:
     return code_digest()
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 24), b""):
@@ -98,7 +98,7 @@ class FileDigests:
         st = path.stat()
         key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
         if key not in self._known:
-            self._known[key] = _file_sha256(path)
+            self._known[key] = file_sha256(path)
             self._save()
         return self._known[key]
 

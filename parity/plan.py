@@ -14,6 +14,7 @@ from . import expectations, models, preflight, quantize
 from .aitk_config import SampleItem, TrainingJob
 from .case import PARITY_FILE, BrokenCase, Case, discover, map_path
 from .errors import CaseError
+from .identity import file_sha256
 from .options import Options
 from .previews import Preview, PrunedCheckpoint, index_checkpoints, index_previews, lora_for_step
 from .recipe import Recipe, reference_recipe, training_recipe
@@ -116,7 +117,7 @@ def accuracy_recovery_adapter(case: Case, job: TrainingJob) -> tuple[str | None,
                                   case.settings.ara, case.folder / PARITY_FILE)
     except CaseError as err:
         return "not found", str(err), None
-    return "sha256:" + quantize.sha256(found), None, str(found)
+    return "sha256:" + file_sha256(found), None, str(found)
 
 
 def preview_problems(case: Case, inputs: CaseInputs, pv: Preview) -> tuple[SampleItem | None, list[CaseError]]:

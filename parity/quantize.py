@@ -18,7 +18,6 @@ accuracy recovery adapter (ARA) a `uint3|<file>` run names, as ai-toolkit finds 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -99,14 +98,6 @@ def hub_file(reference: str) -> tuple[str, str] | None:
     None for a reference of another shape (ai-toolkit stops on more than three parts)."""
     parts = reference.split("/")
     return (f"{parts[0]}/{parts[1]}", parts[2]) if len(parts) == 3 and all(parts) else None
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def find_ara(reference: str, config: Path, resolve: Callable[[str], Path | None], override: Path | None,

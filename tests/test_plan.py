@@ -10,7 +10,7 @@ import pytest
 
 from conftest import TINY_CASES, TINY_MODEL, V1
 from parity.findings import differing_fields
-from parity.quantize import sha256
+from parity.identity import file_sha256 as sha256
 from parity.runner import Checker, Options, plan
 
 ARA = "ostris/accuracy_recovery_adapters/qwen_image_edit_2509_torchao_uint3.safetensors"
