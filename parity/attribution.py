@@ -44,12 +44,53 @@ class Cause:
 
 
 @dataclass
+class Step:
+    """One step of the closing set: the cause added, and where the set stands with it switched."""
+
+    cause: Cause
+    distance: float  # the reference recipe with every cause so far at the training value, vs preview
+    share: float  # cumulative part of the gap closed
+    marginal: float  # what this step closed of the gap, after the causes before it
+
+
+@dataclass
+class ClosingSet:
+    """The causes that, switched together, close the gap (greedy: each step adds the cause that closes the most of
+    what is left); `closed` says whether it reached the thresholds or the training render's floor."""
+
+    steps: list[Step] = field(default_factory=list)
+    closed: bool = False
+    renders: int = 0  # renders this search made beyond the single switches
+    why_not: str = ""
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return tuple(f for s in self.steps for f in s.cause.fields)
+
+    @property
+    def share(self) -> float | None:
+        return self.steps[-1].share if self.steps else None
+
+    def path(self) -> str:
+        """`cfg_norm 0.67 > precision 0.93 > dtype 1.00` (and what stopped it when it does not close)."""
+        text = " > ".join(f"{s.cause.name} {s.share:.2f}" for s in self.steps)
+        return text if self.closed else f"{text} (not closed: {self.why_not})".lstrip()
+
+    def interactions(self, limit: float) -> list[str]:
+        """Causes whose share alone and after the causes before them differ by more than `limit` (a share)."""
+        return [f"{s.cause.name} alone {s.cause.share:.2f}, after {' + '.join(t.cause.name for t in self.steps[:i])} "
+                f"{s.marginal:.2f}" for i, s in enumerate(self.steps)
+                if i and s.cause.share is not None and abs(s.cause.share - s.marginal) > limit]
+
+
+@dataclass
 class Attribution:
     metric: str
     reference_distance: float
     training_distance: float
     causes: list[Cause] = field(default_factory=list)
     floor: float = 0.0
+    closing: ClosingSet | None = None
 
     @property
     def gap(self) -> float:
@@ -74,10 +115,24 @@ class Attribution:
         finite = lambda v: v if v is None or math.isfinite(v) else None  # noqa: E731  (JSON has no inf)
         causes = [{**asdict(c), "distance": finite(c.distance), "reverse_distance": finite(c.reverse_distance)}
                   for c in self.causes]
+        closing = self.closing
+        steps = [{"cause": st.cause.name, "distance": finite(st.distance), "share": st.share,
+                  "marginal": st.marginal} for st in closing.steps] if closing else []
         return {"top_cause": top.name if top else "", "top_cause_share": round(top.share, 4) if top else None,
+                "closing_set": closing.path() if closing else "",
+                "closing_share": round(closing.share, 4) if closing and closing.share is not None else None,
+                "interactions": "; ".join(closing.interactions(self.interaction_limit)) if closing else "",
                 "causes": json.dumps({"metric": self.metric, "gap": finite(self.gap), "floor": self.floor,
                                       "reference_distance": finite(self.reference_distance),
-                                      "training_distance": finite(self.training_distance), "causes": causes})}
+                                      "training_distance": finite(self.training_distance), "causes": causes,
+                                      "closing_set": steps, "closed": closing.closed if closing else None,
+                                      "closing_renders": closing.renders if closing else 0})}
+
+    @property
+    def interaction_limit(self) -> float:
+        """How far a share alone and after others may differ before the report calls it an interaction: the floor
+        as a share of the gap, and never under 5 % (rendering noise)."""
+        return max(0.05, self.floor / self.gap if self.gap > 0 and math.isfinite(self.gap) else 0.0)
 
 
 def encoder(fmt: str):
@@ -135,10 +190,12 @@ def counterfactuals(training: Recipe, reference: Recipe, only: tuple[str, ...] |
 
 def attribute(render, preview: Image.Image, training: Recipe, reference: Recipe, *, metric: str = "mean_abs",
               floor: float = 0.0, reverse: bool = False, encode=None, only: tuple[str, ...] | None = None,
-              only_reason: str = "") -> Attribution:
+              only_reason: str = "", passes=None, prepare=None) -> Attribution:
     """`render(recipe) -> Image` (cached by the caller); `encode`: how the preview file was saved (default: as
     the training recipe's output format says). Returns the ranking of causes. With `only`, a cause none of whose
-    fields is in it is listed but not rendered (`only_reason` says why)."""
+    fields is in it is listed but not rendered (`only_reason` says why). With `passes(image) -> bool` (the
+    thresholds against the preview) and a reference that fails them, also the closing set (`closing_set`);
+    `prepare(recipes)`, when given, is told each step's renders first (the caller makes them grouped by pipeline)."""
     encode = encode or encoder(training.output_format)
     dist = lambda recipe: distance(preview, render(recipe), encode, metric)  # noqa: E731
     result = Attribution(metric, dist(reference), dist(training), floor=floor)
@@ -157,4 +214,40 @@ def attribute(render, preview: Image.Image, training: Recipe, reference: Recipe,
                 cause.share = (result.reference_distance - cause.distance) / result.gap
         result.causes.append(cause)
     result.causes.sort(key=lambda c: -(c.share if c.share is not None else float("-inf")))
+    if passes is not None and result.gap > floor and math.isfinite(result.gap) and not passes(render(reference)):
+        result.closing = closing_set(render, dist, passes, result, reference, training, prepare)
     return result
+
+
+def closing_set(render, dist, passes, result: Attribution, reference: Recipe, training: Recipe,
+                prepare=None) -> ClosingSet:
+    """Grow a set of causes greedily: add the one whose switch, with those already chosen, closes the most of what
+    is left; stop when the switched reference passes the thresholds or comes within the floor of the training
+    render, or when no cause helps. Step one is the single switches already made; at most n(n+1)/2 renders."""
+    out = ClosingSet()
+    left = [c for c in result.causes if c.distance is not None]
+    current, chosen = result.reference_distance, ()
+    target = result.training_distance + result.floor
+    untested = [c.name for c in result.causes if c.distance is None]
+    rest = (f"the rest needs a field not rendered here ({', '.join(untested)}), a missing input, or a difference "
+            f"the recipes do not model" if untested else
+            "the rest is a missing input or a difference the recipes do not model")
+    while left:
+        if chosen and prepare is not None:
+            prepare([switch(reference, training, chosen + c.fields) for c in left])
+        tried = [(c, c.distance if not chosen else dist(switch(reference, training, chosen + c.fields))) for c in left]
+        out.renders += len(tried) if chosen else 0
+        cause, distance = min(tried, key=lambda cd: cd[1])
+        if not distance < current:
+            out.why_not = f"no other field moves it closer ({', '.join(c.name for c in left)} tried); " + rest
+            return out
+        chosen += cause.fields
+        share = (result.reference_distance - distance) / result.gap
+        out.steps.append(Step(cause, distance, share, (current - distance) / result.gap))
+        current = distance
+        left.remove(cause)
+        if distance <= target or passes(render(switch(reference, training, chosen))):
+            out.closed = True
+            return out
+    out.why_not = "every rendered field is switched and the thresholds still fail; " + rest
+    return out

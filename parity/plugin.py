@@ -187,6 +187,10 @@ def failure_message(row: dict, report_dir: Path) -> str:
                      f"max_abs={row['max_abs']}")
     if row.get("top_cause"):
         lines.append(f"  top cause: {row['top_cause']} closes {row['top_cause_share']:.0%} of the gap")
+    if row.get("closing_set"):
+        lines.append(f"  closing set: {row['closing_set']}")
+    if row.get("interactions"):
+        lines.append(f"  interactions: {row['interactions']}")
     if row.get("fidelity_verdict"):
         lines.append(f"  fidelity (training recipe vs preview): {row['fidelity_verdict']}, "
                      f"max_abs={row.get('fidelity_max_abs')}")

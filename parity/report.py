@@ -38,7 +38,7 @@ COLUMNS = [
     "top_cause", "top_cause_share", "causes", "golden_verdict", "golden_max_abs", "golden_fingerprint",
     "lpips_alex", "stlpips_alex", "check_seconds", "renders",
     "server_request_id", "server_seconds", "server_image", "server_vs_local_mean_abs", "server_vs_local_max_abs",
-    "expected_verdict", "expected_reason", "expected_outcome",
+    "expected_verdict", "expected_reason", "expected_outcome", "closing_set", "closing_share", "interactions",
 ]
 # Then any `hint_*` columns (sorted), then whatever else the records carry, in order of first appearance.
 
@@ -164,9 +164,15 @@ def _causes(record: dict) -> dict | None:
                        # Bar width in percent of the gap; a share can exceed 1 or go negative (interactions).
                        "bar": None if share is None else max(0.0, min(1.0, abs(share))) * 100,
                        "negative": share is not None and share < 0})
+    steps = [{"cause": str(st.get("cause", "")), "share": _num(st.get("share")), "marginal": _num(st.get("marginal")),
+              "distance": _num(st.get("distance")),
+              "bar": max(0.0, min(1.0, _num(st.get("share")) or 0.0)) * 100}  # cumulative, in percent of the gap
+             for st in data.get("closing_set") or [] if isinstance(st, dict)]
     return {"metric": data.get("metric", ""), "gap": _num(data.get("gap")), "floor": _num(data.get("floor")),
             "reference_distance": _num(data.get("reference_distance")),
-            "training_distance": _num(data.get("training_distance")), "causes": causes}
+            "training_distance": _num(data.get("training_distance")), "causes": causes,
+            "closing": steps, "closed": data.get("closed"), "closing_set": _text(record.get("closing_set")),
+            "interactions": _text(record.get("interactions")), "closing_renders": data.get("closing_renders")}
 
 
 def shown_verdict(record: dict) -> str:

@@ -29,7 +29,7 @@ from .plan import Task, plan  # noqa: F401 (re-exported: the library's entry poi
 from .recipe import FIELD_NAMES, Recipe, differing_fields, switch
 from .renders import Renders
 from .server import ServerError
-from .verdicts import fidelity_verdict, judge
+from .verdicts import explained_by_set, fidelity_verdict, judge
 
 MAP_NAMES = {"diff": "diff", "ssim": "ssim_map"}  # image suffixes the report reads
 
@@ -206,7 +206,9 @@ class Checker:
             only = None
             if self.options.explain == "failed" and outcome.get("verdict") == "explained":
                 only = self.accepted(task)
-            self.explain(task, preview, row, only=only)
+            result = self.explain(task, preview, row, only=only)
+            if outcome.get("verdict") == "mismatch" and result is not None and result.closing is not None:
+                outcome = explained_by_set(outcome, result.closing, self.accepted(task))
         if not same_size and outcome.get("verdict") != "explained":
             outcome = dict(verdict="size mismatch", reason=failed[0])
         row.update(outcome)
@@ -310,11 +312,18 @@ class Checker:
                 task.training, task.reference, only, self.options.reverse))])  # one load per pipeline
             if self.options.noise_floor:
                 floor = max(floor, self.noise_floor(task, preview, row))
+            encode = self.preview_encoder(task)
+
+            def passes(image: Image.Image) -> bool:
+                c = cmp.compare(preview, encode(image))
+                return c.same_size and not judge(c, task.thresholds)
+
             result = attribute(lambda recipe: self.render(recipe, task.model)[0], preview, task.training,
                                task.reference, metric=self.options.metric, floor=floor,
-                               reverse=self.options.reverse, encode=self.preview_encoder(task), only=only,
+                               reverse=self.options.reverse, encode=encode, only=only,
                                only_reason=f"the accepted fields ({', '.join(only or ())}) explain the gap; "
-                                           f"--parity-explain all renders it")
+                                           f"--parity-explain all renders it", passes=passes,
+                               prepare=lambda recipes: self.renders.prepare([(r, task.model) for r in recipes]))
         except NotRenderable as exc:  # attribution measures against the training render
             row["causes"] = json.dumps({"unavailable": f"the training recipe is not rendered here: {exc}"})
             return None

@@ -37,3 +37,11 @@ def fidelity_verdict(training_mean: float | None, reference_mean: float | None, 
         return True, (f"reproduced within cross-device drift, {training_mean:.1f} levels (preview made on "
                       f"{recorded_on}, rendered here on {here}; the reference render is {reference_mean:.1f} away)")
     return False, "cannot reproduce preview"
+
+
+def explained_by_set(outcome: dict, closing, accepted: tuple[str, ...]) -> dict:
+    """A mismatch whose closing set (attribution.ClosingSet) closes the gap with accepted fields only is
+    `explained`: `accept:` applies to the set of fields that explains the gap, not to each field alone."""
+    if not closing.closed or not closing.fields or not set(closing.fields) <= set(accepted):
+        return outcome
+    return dict(verdict="explained", reason=f"gap closed by accepted fields ({closing.path()}); " + outcome["reason"])

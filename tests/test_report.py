@@ -52,7 +52,10 @@ def synthetic_record(i: int, case: str, step: int, index: int, verdict: str, pro
                          {"fields": ["text_encoder_rope"], "distance": 3.7, "share": 0.1, "reverse_distance": 1.1,
                           "testable": True, "reason": ""},
                          {"fields": ["output_format"], "distance": None, "share": None, "reverse_distance": None,
-                          "testable": False, "reason": "the preview's encoding"}]}
+                          "testable": False, "reason": "the preview's encoding"}],
+              "closing_set": [{"cause": "cfg_norm", "distance": 1.6, "share": 0.8, "marginal": 0.8},
+                              {"cause": "text_encoder_rope", "distance": 1.0, "share": 1.0, "marginal": 0.2}],
+              "closed": True, "closing_renders": 1}
     ssim = round(0.995 - 0.00002 * step - 0.01 * (verdict != "match") - 0.001 * index, 4)
     row = {"id": f"{case}/{step}/{index}", "case": case, "preview": f"{stem}.jpg", "step": step,
            "sample_index": index, "verdict": verdict, "reason": "" if verdict == "match" else f"ssim {ssim} not >= 0.98",
@@ -64,6 +67,8 @@ def synthetic_record(i: int, case: str, step: int, index: int, verdict: str, pro
            "ssim_raw": ssim - 0.1, "psnr_raw": 30.0, "mean_abs_raw": 5.0, "max_abs_raw": 60, "notes": "",
            "torch": "2.14.1", "diffusers": "0.39.0", "findings_detail": json.dumps(findings),
            "top_cause": "cfg_norm", "top_cause_share": 0.8, "causes": json.dumps(causes),
+           "closing_set": "cfg_norm 0.80 > text_encoder_rope 1.00", "closing_share": 1.0,
+           "interactions": "text_encoder_rope alone 0.10, after cfg_norm 0.20",
            "golden_verdict": "same", "golden_max_abs": 0, "golden_fingerprint": "ab12cd34",
            "lpips_alex": round(0.01 + 0.00004 * step, 4), "stlpips_alex": 0.02, "hint_try": "set cfg_norm: false"}
     row.update({f"training.{f}": v for f, v in training.items()})
@@ -279,6 +284,8 @@ def test_case_page_has_recipes_findings_attribution_hints_and_charts(report):
     assert "what cfg_norm does" in html
     assert 'class="bar" style="width: 80.0%"' in html and "not tested: the preview&#39;s encoding" in html
     assert "set cfg_norm: false" in html
+    assert "<h3>Closing set</h3>" in html and "+ text_encoder_rope" in html and "Closed:" in html
+    assert 'class="bar" style="width: 100.0%"' in html and "text_encoder_rope alone 0.10, after cfg_norm" in html
     assert html.count('<svg class="chart"') >= 3
     assert 'class="cmp-slider"' in html and "with training cfg_norm" in html
     assert "../images/run_a/" in html
