@@ -16,7 +16,7 @@ from . import expectations
 from . import options as table
 from .options import OptionError
 from .interrupt import stop_on_sigterm
-from .runner import plan, run, set_threads, summary_line
+from .runner import Checker, plan, run, set_threads, summary_line
 
 
 def parser() -> argparse.ArgumentParser:
@@ -43,7 +43,11 @@ def parser() -> argparse.ArgumentParser:
     p_req.add_argument("--images", choices=("base64", "path"), default="base64",
                        help="control images inline as base64 (default), or as local paths for a shared disk")
     p_req.add_argument("--out", type=Path, default=None, help="write the JSON lines here (default: standard output)")
-    for name in ("model", "dtype", "device"):
+    p_req.add_argument("--fixed", action="store_true",
+                       help="render each request here and apply the smallest request change (guidance scale, "
+                            "network multiplier) whose render passes the case's thresholds; each line's `fix` says "
+                            "what changed and what its render measured")
+    for name in ("model", "dtype", "device", "cache_dir", "metric"):
         setting = table.BY_NAME[name]
         p_req.add_argument(setting.cli_flag, dest=name, default=None, help=setting.help)
     p_merge = sub.add_parser("merge-reports", help="one CSV, JSON and HTML report from shard report folders")
@@ -139,9 +143,16 @@ def requests(args, options) -> int:
     from .requests import write
 
     tasks = plan(options)
+    fix = None
+    if args.fixed:
+        set_threads()
+        from dataclasses import replace
+
+        checker = Checker(replace(options, metrics=()))  # distances only: no perceptual network to load
+        fix = checker.prescribe
     out = open(args.out, "w") if args.out else sys.stdout
     try:
-        written, problems = write(tasks, out, args.images)
+        written, problems = write(tasks, out, args.images, fix)
     finally:
         if args.out:
             out.close()

@@ -39,6 +39,7 @@ COLUMNS = [
     "lpips_alex", "stlpips_alex", "check_seconds", "renders",
     "server_request_id", "server_seconds", "server_image", "server_vs_local_mean_abs", "server_vs_local_max_abs",
     "expected_verdict", "expected_reason", "expected_outcome", "closing_set", "closing_share", "interactions",
+    "fix", "fix_distance", "fix_passes",
 ]
 # Then any `hint_*` columns (sorted), then whatever else the records carry, in order of first appearance.
 

@@ -47,9 +47,22 @@ def encode_image(path: str, mode: str) -> str:
     return base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
-def request(task: Task, images: str = "base64") -> dict:
-    """One JSON line: the request, the differences that remain, and notes."""
-    return prepare(task, images)[0]
+def request(task: Task, images: str = "base64", fix=None) -> dict:
+    """One JSON line: the request, the differences that remain, and notes; with `fix(task) -> Prescription`, the
+    request with the verified fix applied and a `fix` entry saying what changed and what its render measured."""
+    line = prepare(task, images)[0]
+    if fix is not None:
+        prescription = fix(task)
+        prompt, loras = line["request"]["prompts"][0], line["request"]["loras"]
+        for name, value in prescription.changes.items():
+            if name == "network_multiplier":
+                loras[0][name] = value
+            else:
+                prompt[name] = value
+        line["fix"] = {"changes": prescription.changes, "passes": prescription.passes,
+                       "distance": prescription.distance, "renders": prescription.renders,
+                       "summary": prescription.describe()}
+    return line
 
 
 def prepare(task: Task, images: str = "base64") -> tuple[dict, Recipe]:
@@ -81,13 +94,15 @@ def prepare(task: Task, images: str = "base64") -> tuple[dict, Recipe]:
             "notes": notes}, server
 
 
-def write(tasks: list[Task], out, images: str = "base64") -> tuple[int, list[str]]:
-    """JSON lines for every preview with recipes; (lines written, the errors of the others)."""
+def write(tasks: list[Task], out, images: str = "base64", fix=None) -> tuple[int, list[str]]:
+    """JSON lines for every preview with recipes (with `fix`, each with its verified fix applied); (lines written,
+    the errors of the others)."""
     written, problems = 0, []
     for task in tasks:
         if task.training is None or task.reference is None:
             problems.append(f"{task.id}: {task.error or 'no recipes'}")
             continue
-        out.write(json.dumps(request(task, images)) + "\n")
+        out.write(json.dumps(request(task, images, fix)) + "\n")
+        out.flush()
         written += 1
     return written, problems

@@ -328,11 +328,31 @@ class Checker:
             row["causes"] = json.dumps({"unavailable": f"the training recipe is not rendered here: {exc}"})
             return None
         row.update(result.as_columns())
+        if self.options.reverse and result.closing is not None:  # a failed preview: the request that fixes it
+            fix = self.prescribe(task, preview)
+            row.update(fix=fix.describe(), fix_distance=fix.distance, fix_passes=fix.passes)
         for cause in result.causes:
             if cause.distance is not None:  # already rendered: served from the in-memory cache
                 image, _ = self.render(switch(task.reference, task.training, cause.fields), task.model)
                 self.save_image(task, f"cause-{cause.name}", image)
         return result
+
+    def prescribe(self, task: Task, preview: Image.Image | None = None):
+        """The smallest change to the server's request for this preview that brings its render within the
+        thresholds, verified by rendering (prescription.py)."""
+        from .attribution import distance
+        from .prescription import prescribe
+        from .requests import prepare
+
+        preview = open_preview(task.preview) if preview is None else preview
+        encode, metric = self.preview_encoder(task), self.options.metric
+
+        def passes(image: Image.Image) -> bool:
+            c = cmp.compare(preview, encode(image))
+            return c.same_size and not judge(c, task.thresholds)
+
+        return prescribe(lambda recipe: self.render(recipe, task.model)[0],
+                         lambda image: distance(preview, image, encode, metric), passes, prepare(task)[1])
 
     def save_image(self, task: Task, kind: str, image: Image.Image) -> Path:
         """One image of a preview for the report (images.py: names and encodings)."""
