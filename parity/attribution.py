@@ -222,32 +222,34 @@ def attribute(render, preview: Image.Image, training: Recipe, reference: Recipe,
 def closing_set(render, dist, passes, result: Attribution, reference: Recipe, training: Recipe,
                 prepare=None) -> ClosingSet:
     """Grow a set of causes greedily: add the one whose switch, with those already chosen, closes the most of what
-    is left; stop when the switched reference passes the thresholds or comes within the floor of the training
-    render, or when no cause helps. Step one is the single switches already made; at most n(n+1)/2 renders."""
+    is left (at least the floor, and 1 % of the gap: less is rendering noise); stop when the switched reference
+    comes within the floor of the training render, or when no cause helps. The set is `closed` when it got there
+    or its switched reference passes the thresholds. Step one is the single switches already made; at most
+    n(n+1)/2 renders."""
     out = ClosingSet()
     left = [c for c in result.causes if c.distance is not None]
     current, chosen = result.reference_distance, ()
     target = result.training_distance + result.floor
+    least = max(result.floor, 0.01 * result.gap)
     untested = [c.name for c in result.causes if c.distance is None]
     rest = (f"the rest needs a field not rendered here ({', '.join(untested)}), a missing input, or a difference "
             f"the recipes do not model" if untested else
             "the rest is a missing input or a difference the recipes do not model")
-    while left:
+    while left and current > target:
         if chosen and prepare is not None:
             prepare([switch(reference, training, chosen + c.fields) for c in left])
         tried = [(c, c.distance if not chosen else dist(switch(reference, training, chosen + c.fields))) for c in left]
         out.renders += len(tried) if chosen else 0
         cause, distance = min(tried, key=lambda cd: cd[1])
-        if not distance < current:
-            out.why_not = f"no other field moves it closer ({', '.join(c.name for c in left)} tried); " + rest
-            return out
+        if not distance < current - least:
+            break
         chosen += cause.fields
-        share = (result.reference_distance - distance) / result.gap
-        out.steps.append(Step(cause, distance, share, (current - distance) / result.gap))
+        out.steps.append(Step(cause, distance, (result.reference_distance - distance) / result.gap,
+                              (current - distance) / result.gap))
         current = distance
         left.remove(cause)
-        if distance <= target or passes(render(switch(reference, training, chosen))):
-            out.closed = True
-            return out
-    out.why_not = "every rendered field is switched and the thresholds still fail; " + rest
+    out.closed = current <= target or bool(chosen) and passes(render(switch(reference, training, chosen)))
+    if not out.closed:
+        out.why_not = (f"no other field moves it closer ({', '.join(c.name for c in left)} tried); " if left else
+                       "every rendered field is switched and the thresholds still fail; ") + rest
     return out
