@@ -89,3 +89,31 @@ def test_parity_requests_writes_json_lines_and_names_what_it_skipped(tmp_path):
     assert "no request: demo_qwen_image_edit_ctrl_img_1/unrendered/1" in done.stderr
     paths = [v for line in lines for k, v in line["request"]["prompts"][0].items() if k.startswith("ctrl_img")]
     assert paths and all(Path(p).is_absolute() and Path(p).is_file() for p in paths)
+
+
+def test_fixed_requests_are_rendered_and_say_whether_they_pass(tmp_path, render_cache):
+    """`parity requests --fixed` on one v1 preview whose request, as written, passes the case's thresholds: the
+    line keeps the request unchanged and says so with its measured distance (one render, from the render cache
+    the main job fills). The v1 case's prompt-0 previews have no request fix (the server's CFG norm has no request
+    field; measured 2026-12-07: every guidance and multiplier candidate stays 45-53 levels away)."""
+    import shutil
+
+    case = tmp_path / "cases" / "v1"
+    source = CASES / "workspace" / "aitk" / "output" / "demo_qwen_image_edit_plus_lora_v1"
+    shutil.copytree(source, case, ignore=shutil.ignore_patterns("samples"))
+    (case / "samples").mkdir()
+    shutil.copy(next(source.glob("samples/*__000000004_1.jpg")), case / "samples")
+    settings = (case / "parity.yaml").read_text().replace("../../../aitk/demo-qwen-image-edit-2509",
+                                                          str((source / "../../../aitk/demo-qwen-image-edit-2509")
+                                                              .resolve()))
+    (case / "parity.yaml").write_text(settings.replace("/workspace: ../../..", f"/workspace: {CASES / 'workspace'}"))
+    out = tmp_path / "fixed.jsonl"
+    done = subprocess.run([sys.executable, "-m", "parity.cli", "requests", str(case), "--fixed", "--images", "path",
+                           "--out", str(out), "--device", "cpu", "--cache-dir", str(render_cache)],
+                          capture_output=True, text=True, timeout=900, env={**__import__("os").environ,
+                                                                             "PARITY_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    [line] = [json.loads(x) for x in out.read_text().splitlines()]
+    assert line["fix"]["passes"] and line["fix"]["changes"] == {} and line["fix"]["renders"] == 1
+    assert line["fix"]["summary"] == "the request as written passes the thresholds"
+    assert line["request"]["prompts"][0]["guidance_scale"] == 3.0
