@@ -178,8 +178,50 @@ def quantize_transformer(transformer, precision: Precision, ara, cache, identity
         # the blocks one by one, then what is outside them (img_in, txt_in, time embedding, norm_out, proj_out)
         return quantize_quanto(transformer, qtype, [*transformer.transformer_blocks, transformer], cache, name)
     bits = uintx_bits(qtype)
+    if ara is None:  # every Linear gets a weight of its own: the files can go once the plain weights are copied
+        own_plain_parameters(transformer)
     targets = list(ara) if ara is not None else linear_names(transformer)
     return quantize_uintx_layers(transformer, bits, targets, cache, name)
+
+
+@torch.no_grad()
+def own_plain_parameters(model: torch.nn.Module) -> None:
+    """Copy the parameters that stay plain (norms, embeddings, convolutions: all but the Linear weights and biases,
+    which quantizing replaces) into memory of their own. from_pretrained leaves every weight a view of its
+    safetensors file, mapped whole, and a mapping lasts while any view of it does: one norm weight left in a file
+    keeps all of it mapped, with every page quantizing read counted as resident beside the quantized weights
+    (bench/memory.py measured the whole bf16 model's bytes so). Copied first, each file is unmapped once its last
+    Linear is quantized. The copies are small (the text encoder's embedding is the largest) and equal bit for bit;
+    a tied parameter stays tied (its one Parameter gets the copy)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            continue
+        for param in module.parameters(recurse=False):
+            param.data = param.data.clone()
+
+
+def return_freed_memory() -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim; nothing elsewhere). Quantizing a layer
+    frees weight-sized temporaries (quanto's float copy of the weight, the scaled values) between the quantized
+    weights it keeps; glibc keeps freed blocks under its mmap threshold (up to 32 MiB) in its heap, counted as
+    resident, so without this the freed memory grows with the model (bench/memory.py: 1.1 GB per GB of qfloat8
+    weights on the real layer sizes)."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        _MALLOC_TRIM = lambda: None  # noqa: E731
+        try:
+            import ctypes
+            import sys
+
+            if sys.platform.startswith("linux"):
+                trim = ctypes.CDLL("libc.so.6").malloc_trim
+                _MALLOC_TRIM = lambda: trim(0)  # noqa: E731
+        except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+            pass
+    _MALLOC_TRIM()
+
+
+_MALLOC_TRIM = None
 
 
 def layer_groups(text_encoder) -> list[torch.nn.Module]:
@@ -198,6 +240,7 @@ def quantize_quanto(model, qtype: str, groups: list[torch.nn.Module], cache, nam
     from optimum.quanto import qtypes
     from optimum.quanto.nn import QModuleMixin, quantize_module
 
+    own_plain_parameters(model)
     stored = cache.open_tensors(name) if cache is not None and name else None
     keys: dict[str, list[str]] = {}
     for key in stored.keys() if stored is not None else ():
@@ -219,6 +262,7 @@ def quantize_quanto(model, qtype: str, groups: list[torch.nn.Module], cache, nam
                                        strict=False)
                 if not qlayer.frozen:
                     raise RuntimeError(f"the quantized-weights cache entry {name} lacks {full}: delete it, run again")
+            return_freed_memory()
     qnames = [n for n, m in model.named_modules() if isinstance(m, QModuleMixin)]
     if stored is None and cache is not None and name:
         state = model.state_dict()
@@ -239,6 +283,7 @@ def quantize_uintx_layers(transformer, bits: int, targets: list[str], cache, nam
         weight = stored.get_tensor(target) if stored is not None else uintx_weight(layer.weight.detach(), bits)
         layer.weight.data = weight.to(layer.weight.device, layer.weight.dtype)
         done[target] = layer.weight.data
+        return_freed_memory()
     if stored is None and cache is not None and name:
         cache.put_tensors(name, {k: v.cpu() for k, v in done.items()})
     return len(done)
