@@ -29,7 +29,7 @@ from .plan import Task, plan  # noqa: F401 (re-exported: the library's entry poi
 from .recipe import FIELD_NAMES, Recipe, differing_fields, switch
 from .renders import Renders
 from .server import ServerError
-from .verdicts import explained_by_set, fidelity_verdict, judge
+from .verdicts import explained_by_set, fidelity_verdict, judge, passes
 
 MAP_NAMES = {"diff": "diff", "ssim": "ssim_map"}  # image suffixes the report reads
 
@@ -278,8 +278,7 @@ class Checker:
         image = self.render(switch(task.reference, task.training, fields), task.model)[0]
         switched = distance(preview, image, encode, metric)
         training = distance(preview, self.render(task.training, task.model)[0], encode, metric)
-        switched_cmp = cmp.compare(preview, encode(image))
-        within = switched_cmp.same_size and not judge(switched_cmp, task.thresholds)
+        within = passes(preview, image, encode, task.thresholds)
         how = "passes the thresholds" if within else "does not pass the thresholds"
         detail = (f"{metric} {switched:.4g} with them at the training value ({how}) vs {training:.4g} for the "
                   f"training recipe")
@@ -313,16 +312,12 @@ class Checker:
             if self.options.noise_floor:
                 floor = max(floor, self.noise_floor(task, preview, row))
             encode = self.preview_encoder(task)
-
-            def passes(image: Image.Image) -> bool:
-                c = cmp.compare(preview, encode(image))
-                return c.same_size and not judge(c, task.thresholds)
-
             result = attribute(lambda recipe: self.render(recipe, task.model)[0], preview, task.training,
                                task.reference, metric=self.options.metric, floor=floor,
                                reverse=self.options.reverse, encode=encode, only=only,
                                only_reason=f"the accepted fields ({', '.join(only or ())}) explain the gap; "
-                                           f"--parity-explain all renders it", passes=passes,
+                                           f"--parity-explain all renders it",
+                               passes=lambda image: passes(preview, image, encode, task.thresholds),
                                prepare=lambda recipes: self.renders.prepare([(r, task.model) for r in recipes]))
         except NotRenderable as exc:  # attribution measures against the training render
             row["causes"] = json.dumps({"unavailable": f"the training recipe is not rendered here: {exc}"})
@@ -346,13 +341,9 @@ class Checker:
 
         preview = open_preview(task.preview) if preview is None else preview
         encode, metric = self.preview_encoder(task), self.options.metric
-
-        def passes(image: Image.Image) -> bool:
-            c = cmp.compare(preview, encode(image))
-            return c.same_size and not judge(c, task.thresholds)
-
         return prescribe(lambda recipe: self.render(recipe, task.model)[0],
-                         lambda image: distance(preview, image, encode, metric), passes, prepare(task)[1])
+                         lambda image: distance(preview, image, encode, metric),
+                         lambda image: passes(preview, image, encode, task.thresholds), prepare(task)[1])
 
     def save_image(self, task: Task, kind: str, image: Image.Image) -> Path:
         """One image of a preview for the report (images.py: names and encodings)."""
@@ -378,6 +369,7 @@ def base_row(task: Task, env: dict) -> dict:
     findings = find(task.training, task.reference) if task.training and task.reference else []
     row["findings"] = "; ".join(f.field for f in findings)
     row["findings_detail"] = json.dumps([f.__dict__ for f in findings])
+    row.update(task.lora_keys)  # lora_keys_<engine>: the LoRA keys each engine binds (lora_keys.py)
     for side, recipe in (("training", task.training), ("reference", task.reference)):
         values = recipe.as_row() if recipe else {}
         for name in FIELD_NAMES:

@@ -24,6 +24,12 @@ def judge(c: cmp.Comparison, thresholds: dict) -> list[str]:
     return failed
 
 
+def passes(preview, image, encode, thresholds: dict) -> bool:
+    """`image`, encoded as the preview was (`encode`), is the preview's size and meets every threshold."""
+    c = cmp.compare(preview, encode(image))
+    return c.same_size and not judge(c, thresholds)
+
+
 def fidelity_verdict(training_mean: float | None, reference_mean: float | None, floor: float, recorded_on: str,
                      here: str) -> tuple[bool, str]:
     """(reproduced, the verdict's words) for the training render's mean distance from the preview (0-255 levels).
