@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import expectations, models, preflight, quantize
+from . import expectations, lora_keys, models, preflight, quantize
 from .aitk_config import SampleItem, TrainingJob
 from .case import PARITY_FILE, BrokenCase, Case, discover, map_path
 from .errors import CaseError
@@ -40,6 +40,7 @@ class Task:
     prompt: str = ""  # the sample's prompt as ai-toolkit used it, also when a problem stops the recipes
     training_problem: str | None = None  # an input only the training render needs is missing (e.g. the ARA)
     expect: expectations.Expectation | None = None  # the known gap parity.yaml declares for this preview
+    lora_keys: dict[str, str] = field(default_factory=dict)  # lora_keys_<engine>: "bound/total" (lora_keys.py)
 
 
 def model_for(case: Case, job: TrainingJob, options: Options) -> str:
@@ -162,6 +163,17 @@ def preview_problems(case: Case, inputs: CaseInputs, pv: Preview) -> tuple[Sampl
     return item, problems
 
 
+def lora_key_counts(case: Case, inputs: CaseInputs, pv: Preview) -> tuple[dict[str, str], list[str]]:
+    """How many of the preview's LoRA keys each engine binds (columns lora_keys_<engine>), and a note for each
+    inference engine that binds fewer: the LoRA would be silently (partly) ignored there. From headers only."""
+    try:
+        ckpt = lora_for_step(case.folder, inputs.job.name, pv.step, inputs.checkpoints)
+    except CaseError:  # a missing checkpoint: preview_problems says so
+        return {}, []
+    found = lora_keys.bindings(str(ckpt.path), inputs.model_folder) if ckpt else None
+    return lora_keys.columns(found), lora_keys.notes(found)
+
+
 def case_tasks(case: Case, options: Options) -> list[Task]:
     previews, stray = index_previews(case.folder)
     try:
@@ -178,6 +190,8 @@ def case_tasks(case: Case, options: Options) -> list[Task]:
                     expect=expectations.for_preview(case.settings.expect, pv.path.name, pv.step, pv.index))
         item, problems = preview_problems(case, inputs, pv)
         task.prompt = item.prompt if item else ""
+        task.lora_keys, key_notes = lora_key_counts(case, inputs, pv)
+        task.notes += key_notes
         problems = inputs.problems + problems
         pruned = [p for p in problems if isinstance(p, PrunedCheckpoint)]
         if pruned:  # ai-toolkit deleted its LoRA: nothing to check it with, said as a skip

@@ -40,6 +40,7 @@ COLUMNS = [
     "server_request_id", "server_seconds", "server_image", "server_vs_local_mean_abs", "server_vs_local_max_abs",
     "expected_verdict", "expected_reason", "expected_outcome", "closing_set", "closing_share", "interactions",
     "fix", "fix_distance", "fix_passes",
+    "lora_keys_aitk", "lora_keys_server", "lora_keys_comfyui",
 ]
 # Then any `hint_*` columns (sorted), then whatever else the records carry, in order of first appearance.
 
