@@ -367,8 +367,11 @@ def release() -> None:
     """Free the resident pipeline (and what a failed load left behind)."""
     import gc
 
+    from .precision import return_freed_memory
+
     _MODELS.clear()
     gc.collect()
+    return_freed_memory()  # glibc keeps freed weights in its heap otherwise, under the next model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
