@@ -214,7 +214,7 @@ def attribute(render, preview: Image.Image, training: Recipe, reference: Recipe,
                 cause.share = (result.reference_distance - cause.distance) / result.gap
         result.causes.append(cause)
     result.causes.sort(key=lambda c: -(c.share if c.share is not None else float("-inf")))
-    if passes is not None and result.gap > floor and math.isfinite(result.gap) and not passes(render(reference)):
+    if passes is not None and result.gap > floor and not passes(render(reference)):
         result.closing = closing_set(render, dist, passes, result, reference, training, prepare)
     return result
 
@@ -230,7 +230,7 @@ def closing_set(render, dist, passes, result: Attribution, reference: Recipe, tr
     left = [c for c in result.causes if c.distance is not None]
     current, chosen = result.reference_distance, ()
     target = result.training_distance + result.floor
-    least = max(result.floor, 0.01 * result.gap)
+    least = max(result.floor, 0.01 * result.gap) if math.isfinite(result.gap) else result.floor
     untested = [c.name for c in result.causes if c.distance is None]
     rest = (f"the rest needs a field not rendered here ({', '.join(untested)}), a missing input, or a difference "
             f"the recipes do not model" if untested else
@@ -244,6 +244,10 @@ def closing_set(render, dist, passes, result: Attribution, reference: Recipe, tr
         if not distance < current - least:
             break
         chosen += cause.fields
+        if math.isinf(result.gap):  # the sizes differ: the switch that makes them match closes it (as one cause)
+            out.steps.append(Step(cause, distance, 1.0, 1.0))
+            current = distance
+            break
         out.steps.append(Step(cause, distance, (result.reference_distance - distance) / result.gap,
                               (current - distance) / result.gap))
         current = distance

@@ -156,3 +156,19 @@ def test_no_closing_set_says_why(base):
     result = attribute(render_fn, Image.new("RGB", (8, 8)), base, reference, passes=lambda im: False)
     assert not result.closing.closed and not result.closing.steps
     assert "not rendered here (device)" in result.closing.why_not and "not closed" in result.closing.path()
+
+
+def test_a_size_gap_is_closed_by_the_switch_that_makes_the_sizes_match(base):
+    from PIL import Image
+
+    from parity.attribution import attribute
+
+    reference = base.with_fields(width=base.width + 16, guidance=2.0)
+
+    def render_fn(recipe):  # the reference's size differs from the preview's: only the width switch can compare
+        return Image.new("RGB", (recipe.width, recipe.height), (0,) * 3)
+
+    preview = Image.new("RGB", (base.width, base.height))
+    result = attribute(render_fn, preview, base, reference,
+                       passes=lambda im: im.size == preview.size)
+    assert result.closing.closed and result.closing.path() == "width 1.00"  # (height agrees here)
