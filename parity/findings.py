@@ -15,11 +15,22 @@ EFFECTS = {
               "server to 16)",
     "steps": "different sampling schedule: detail and sharpness change",
     "scheduler": "different sigmas/shift: the whole trajectory changes",
+    "sigma_schedule": "another sigma schedule: ai-toolkit and Diffusers shift dynamically from the image size (mu "
+                      "from the latent tokens, shift_terminal 0.02), ComfyUI's ModelSamplingAuraFlow by a static "
+                      "shift (3.1 in the Qwen-Image templates) picked by the simple scheduler: the whole trajectory "
+                      "changes (on the demo 2512 case, 4 steps: 1, .744, .426, .02 vs 1, .903, .756, .508)",
     "guidance": "different CFG strength: contrast, saturation and prompt adherence change",
-    "cfg_norm": "stock Diffusers rescales the CFG result to the conditional norm, ai-toolkit does not by default: "
-                "lower contrast/saturation at guidance > 1",
+    "cfg_norm": "the CFG result rescaled to the conditional prediction's norm on one side only (stock Diffusers "
+                "always, ai-toolkit only with do_cfg_norm except on Qwen-Image/2512, ComfyUI's text-to-image "
+                "templates never): lower contrast/saturation at guidance > 1",
+    "cfg_form": "CFG combined on another prediction: on the velocity (Diffusers, ai-toolkit) or on the denoised "
+                "x0 with an fp32 Euler state (ComfyUI's KSampler); equal in exact arithmetic, so only rounding "
+                "differs in fp32 (a level here and there), more in bf16 where Diffusers keeps the latents in bf16",
     "negative_prompt": "different unconditional branch: changes whatever CFG pushes away from",
     "seed": "different initial noise: a different image altogether",
+    "noise": "initial noise drawn another way: Diffusers' prepare_latents (a CPU torch.Generator, in the compute "
+             "dtype) or ComfyUI's prepare_noise (torch.manual_seed, fp32 on the CPU, [B,16,1,H/8,W/8]); the same "
+             "numbers in fp32 for the same seed, rounded differently in bf16",
     "prompt": "different text conditioning (trigger word or [name] replacement)",
     "control_images": "different conditioning images, or the same image given twice in the prompt (which key "
                       "each side reads: ctrl_img first in ai-toolkit, ctrl_img_1 first on the server)",
@@ -38,6 +49,8 @@ EFFECTS = {
     "vae_tiling": "tiled VAE: seams and per-tile drift up to tens of levels",
     "device": "another device's kernels: numeric drift (large in bf16 on this random tiny model)",
     "dtype": "another compute dtype: numeric drift",
+    "pixels": "8-bit conversion of the decoded image: Diffusers rounds, ComfyUI's SaveImage truncates (about half "
+              "a level darker on average, 1 level at most)",
     "output_format": "lossy preview file: compression error on top of any real difference",
 }
 

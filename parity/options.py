@@ -50,6 +50,7 @@ class Options:
     server: str | None = None  # a running ai-toolkit-inference server's URL: its images are the reference side
     server_timeout: float = 600.0  # seconds to wait for the server's image of one preview
     server_local: bool = False  # also render the server's request here and compare it with the server's image
+    reference: str = "server"  # the reference engine whose recipe is rendered: server | comfyui (parity/engines/)
 
 
 class OptionError(ValueError):
@@ -84,6 +85,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("report_dir", "where parity.csv, parity.json, index.html and images go", "reports", "path"),
     Setting("report_images", "how the report stores images: compact (full-size WebP, ~1.3 MB a 1024 px preview) or "
             "lossless (full-size PNG, ~13 MB)", "compact", "choice", ("compact", "lossless")),
+    Setting("reference", "the reference engine, whose recipe each preview is compared with: server (the runcomfy "
+            "ai-toolkit-inference server on stock Diffusers) or comfyui (ComfyUI's native graph as the model's "
+            "official template sets it up; text-to-image models so far)", "server", "choice", ("server", "comfyui")),
     Setting("device", "render device: cuda or cpu", "", shown_default="cuda if available, else cpu"),
     Setting("dtype", "compute dtype of the reference render; auto: what the reference server uses on the device "
             "(bfloat16 on CUDA, float32 on a CPU)", "auto", "choice", ("auto", "bfloat16", "float32", "float16")),
@@ -217,6 +221,9 @@ def build(raw: dict[str, object], root: Path, flag=lambda s: s.flag, **fixed) ->
     if values["server"] and not str(values["server"]).startswith(("http://", "https://")):
         raise OptionError(f"{flag(BY_NAME['server'])}: {values['server']!r} is not an http(s) URL "
                           f"(e.g. http://127.0.0.1:8000)")
+    if values["server"] and values["reference"] != "server":
+        raise OptionError(f"{flag(BY_NAME['reference'])}: {values['reference']!r} renders the reference here, and "
+                          f"{flag(BY_NAME['server'])} takes it from the server (use one of them)")
     values["cases"] = values["cases"] or (root / "cases",)
     values.update(fixed)
     return Options(thresholds=thresholds, **values)

@@ -10,14 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import expectations, lora_keys, models, preflight, quantize
+from . import engines, expectations, lora_keys, models, preflight, quantize
 from .aitk_config import SampleItem, TrainingJob
 from .case import PARITY_FILE, BrokenCase, Case, discover, map_path
 from .errors import CaseError
 from .identity import file_sha256
 from .options import Options
 from .previews import Preview, PrunedCheckpoint, index_checkpoints, index_previews, lora_for_step
-from .recipe import Recipe, reference_recipe, training_recipe
+from .recipe import Recipe, training_recipe
 
 
 @dataclass
@@ -261,8 +261,8 @@ def build_recipes(task: Task, case: Case, inputs: CaseInputs, pv: Preview, item:
     task.training_problem = inputs.ara_problem
     task.training = training_recipe(job, item, lora, case.resolve, lora_merged=merged, ara=inputs.ara,
                                     ara_file=inputs.ara_file)
-    task.reference = reference_recipe(job, item, lora, case.resolve, scheduler=inputs.scheduler,
-                                      device=options.device, dtype=options.dtype)
+    task.reference = engines.reference_recipe(options.reference, job, item, lora, case.resolve,
+                                              scheduler=inputs.scheduler, device=options.device, dtype=options.dtype)
     too_long = preflight.prompt_length_problems(job.path, f"sample item {item.index}", inputs.model_folder,
                                                 (task.training, task.reference))
     if too_long:

@@ -2,7 +2,8 @@
 
 `training_recipe` models what ai-toolkit 0.12.26 did for a preview; `reference_recipe` models what the
 reference pipeline (runcomfy-com/ai-toolkit-inference, `qwen_image_edit_plus`, on stock Diffusers) does for
-the equivalent request. The renderer reads only a Recipe, so both sides and any mix render through one path.
+the equivalent request (the ComfyUI reference's builder is parity/engines/comfyui.py). The renderer reads only a
+Recipe, so both sides and any mix render through one path.
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ LORA_RUNTIME_FP32 = "runtime/fp32"  # ai-toolkit LoRA modules added to the layer
 LORA_MERGED_FP32 = "merged/fp32"  # ai-toolkit merges W + m*B@A in fp32, cast back to the base dtype
 LORA_FUSED = "fused/base-dtype"  # the server's fuse_lora: W + m*B@A as PEFT's merge computes it, in the base dtype
 LORA_NONE = "none"  # no LoRA (step 0: an untrained LoRA has a zero up-matrix)
+
+# How sigmas are made, how CFG is combined, how the initial noise is drawn (issue 46): the Diffusers forms are the
+# defaults, so every recipe from before these fields keeps its values, its cache key and its pixels.
+SIGMAS_DIFFUSERS = "diffusers flowmatch: linspace(1, 1/N, N) through `scheduler` (dynamic: mu from the latent tokens)"
+CFG_V = "v"  # CFG on the velocity (Diffusers); `cfg_norm` says whether it is rescaled to the conditional norm
+CFG_X0 = "x0 (ComfyUI)"  # CFG on the denoised prediction x - sigma*v, k-diffusion Euler on an fp32 state
+NOISE_DIFFUSERS = "diffusers prepare_latents, torch.Generator(generator_device), in the compute dtype"
+PIXELS_ROUND = "round"  # Diffusers' postprocess: (x/2+0.5).clamp(0,1)*255, rounded
+# the defaults of the fields above, left out of Recipe.key() at these values (old caches stay valid)
+KEY_DEFAULTS = {"sigma_schedule": SIGMAS_DIFFUSERS, "cfg_form": CFG_V, "noise": NOISE_DIFFUSERS,
+                "pixels": PIXELS_ROUND}
 
 DEFAULT_REFERENCE_STEPS = 25  # ai-toolkit-inference PipelineConfig.default_steps
 DEFAULT_REFERENCE_SEED = 42  # the server's seed is 42 + prompt index when the request has none
@@ -67,10 +79,15 @@ class Recipe:
     output_format: str  # "png" | "jpeg-q75" | ...
     model: str  # models.Model.name: ai-toolkit's arch with its variant, and the reference server's id
     ara_file: str | None = None  # the ARA's local file (part of `precision`, which names it by content hash)
+    sigma_schedule: str = SIGMAS_DIFFUSERS  # or an engine's own form (engines/comfyui.py: "static shift 3.1, simple")
+    cfg_form: str = CFG_V  # CFG_V | CFG_X0
+    noise: str = NOISE_DIFFUSERS  # or engines/comfyui.NOISE
+    pixels: str = PIXELS_ROUND  # how the decoded image becomes 8-bit (engines/comfyui.PIXELS: truncated)
 
     def key(self) -> str:
         """A stable hash of the fields that change pixels (for render caches); files count by content."""
-        data = {k: v for k, v in asdict(self).items() if k not in ("output_format", "device", "ara_file")}
+        data = {k: v for k, v in asdict(self).items() if k not in ("output_format", "device", "ara_file")
+                and not (k in KEY_DEFAULTS and v == KEY_DEFAULTS[k])}
         data["control_images_prompt"] = [file_digest(p) for p in self.control_images_prompt]
         data["control_images_vae"] = [file_digest(p) for p in self.control_images_vae]
         data["lora"] = file_digest(self.lora) if self.lora else None
@@ -100,9 +117,10 @@ def file_digest(path: str) -> str:
 
 # Public field names (issue #3): two recipe attributes form `control_images`.
 FIELD_NAMES = (
-    "model", "width", "height", "steps", "scheduler", "guidance", "cfg_norm", "negative_prompt", "seed", "prompt",
-    "control_images", "control_prompt_resize", "control_vae_resize", "lora", "multiplier", "lora_application",
-    "precision", "text_encoder_rope", "vae_tiling", "device", "dtype", "output_format",
+    "model", "width", "height", "steps", "scheduler", "sigma_schedule", "guidance", "cfg_norm", "cfg_form",
+    "negative_prompt", "seed", "noise", "prompt", "control_images", "control_prompt_resize", "control_vae_resize",
+    "lora", "multiplier", "lora_application", "precision", "text_encoder_rope", "vae_tiling", "device", "dtype",
+    "pixels", "output_format",
 )
 # The recipe attributes behind each public field.
 FIELD_ATTRS = {name: (name,) for name in FIELD_NAMES}
@@ -124,9 +142,28 @@ def public_fields(recipe: Recipe) -> dict[str, object]:
             out[name] = Path(recipe.lora).name if recipe.lora else None
         elif name == "precision":
             out[name] = precision_text(recipe.precision, recipe.dtype)
+        elif name == "sigma_schedule" and recipe.sigma_schedule == SIGMAS_DIFFUSERS:
+            out[name] = diffusers_schedule_text(recipe.scheduler)
         else:
             out[name] = getattr(recipe, attrs[0])
     return out
+
+
+def diffusers_schedule_text(scheduler: str) -> str:
+    """What the Diffusers scheduler config makes of linspace(1, 1/N, N), in words: `flowmatch-dynamic (mu from
+    tokens, shift 0.5-0.9), shift_terminal 0.02`."""
+    try:
+        config = json.loads(scheduler)
+    except ValueError:
+        return SIGMAS_DIFFUSERS
+    if config.get("use_dynamic_shifting"):
+        text = (f"flowmatch-dynamic (mu from tokens, shift {config.get('base_shift')}-{config.get('max_shift')}, "
+                f"{config.get('time_shift_type', 'exponential')})")
+    else:
+        text = f"flowmatch static shift {config.get('shift')}"
+    if config.get("shift_terminal"):
+        text += f", shift_terminal {config['shift_terminal']}"
+    return text
 
 
 def quantization_parts(precision: str) -> dict[str, str]:

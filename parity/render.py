@@ -2,7 +2,9 @@
 
 With a reference recipe it computes what stock `QwenImageEditPlusPipeline.__call__` computes (tested bit for
 bit); every recipe field is honoured, so switches the stock `__call__` lacks (no CFG norm rescale, fp32
-run-time or merged LoRA, VAE tiling, the transposed prompt-encoder resize) are real.
+run-time or merged LoRA, VAE tiling, the transposed prompt-encoder resize) are real. An engine's own sampling
+(`sigma_schedule`, `cfg_form`, `noise`, `pixels`: ComfyUI's, parity/engines/comfyui.py) runs through the same
+transformer and VAE, each field switchable on its own; at their defaults the loop is the Diffusers one, unchanged.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +27,8 @@ from .errors import CaseError, NotRenderable
 from .kernels import cpu_bf16_convolutions
 from .pipeline import DTYPES, LoadedModel
 from .preprocess import VAE_RESIZE, VAE_RULES, UnknownRule, prompt_size, to_request, vae_size
-from .recipe import Recipe
+from .engines import comfyui
+from .recipe import CFG_V, CFG_X0, NOISE_DIFFUSERS, PIXELS_ROUND, SIGMAS_DIFFUSERS, Recipe
 
 
 @dataclass
@@ -224,34 +228,52 @@ def _render(loaded: LoadedModel, recipe: Recipe, capture: RenderCapture | None, 
         channels = pipe.transformer.config.in_channels // 4
         latents, image_latents = models.pipeline_rules(loaded.pipeline).prepare_latents(
             pipe, encoded, channels, height, width, embeds.dtype, device, generator)
+        if recipe.noise != NOISE_DIFFUSERS:
+            # an engine's noise is drawn in fp32; ComfyUI's loop keeps it so (the x0 form), Diffusers' casts it
+            latents = engine_noise(pipe, recipe, channels, height, width).to(
+                device=device, dtype=torch.float32 if recipe.cfg_form == CFG_X0 else latents.dtype)
         img_shapes = [[(1, height // pipe.vae_scale_factor // 2, width // pipe.vae_scale_factor // 2),
                        *[(1, h // pipe.vae_scale_factor // 2, w // pipe.vae_scale_factor // 2) for w, h in vae_sizes]]]
 
-        scheduler = make_scheduler(loaded, recipe.scheduler)
-        sigmas = np.linspace(1.0, 1 / recipe.steps, recipe.steps)
-        mu = calculate_shift(latents.shape[1], scheduler.config.get("base_image_seq_len", 256),
-                             scheduler.config.get("max_image_seq_len", 4096),
-                             scheduler.config.get("base_shift", 0.5), scheduler.config.get("max_shift", 1.15))
-        timesteps, _ = retrieve_timesteps(scheduler, recipe.steps, device, sigmas=sigmas, mu=mu)
+        def predict(model_input, timestep, cond: bool):
+            """The transformer's velocity for the image tokens, conditional or not."""
+            with pipe.transformer.cache_context("cond" if cond else "uncond"):
+                out = pipe.transformer(hidden_states=model_input, timestep=timestep, guidance=None,
+                                       encoder_hidden_states_mask=mask if cond else neg_mask,
+                                       encoder_hidden_states=embeds if cond else neg_embeds, img_shapes=img_shapes,
+                                       attention_kwargs={}, return_dict=False)[0]
+            return out[:, : latents.size(1)]
+
+        if recipe.cfg_form not in (CFG_V, CFG_X0):
+            raise NotRenderable(f"unknown CFG form {recipe.cfg_form!r}")
+        scheduler, timesteps, sigmas = None, None, None
+        if recipe.sigma_schedule == SIGMAS_DIFFUSERS:
+            scheduler = make_scheduler(loaded, recipe.scheduler)
+            mu = calculate_shift(latents.shape[1], scheduler.config.get("base_image_seq_len", 256),
+                                 scheduler.config.get("max_image_seq_len", 4096),
+                                 scheduler.config.get("base_shift", 0.5), scheduler.config.get("max_shift", 1.15))
+            timesteps, _ = retrieve_timesteps(scheduler, recipe.steps, device,
+                                              sigmas=np.linspace(1.0, 1 / recipe.steps, recipe.steps), mu=mu)
+            scheduler.set_begin_index(0)
+        else:  # an engine's sigmas (N+1, ending at 0)
+            sigmas = comfyui.sigmas(recipe.sigma_schedule, recipe.steps).to(device)
+
+        if recipe.cfg_form == CFG_X0:
+            if sigmas is None:
+                sigmas = scheduler.sigmas.to(device=device, dtype=torch.float32)
+            latents = _sample_x0(recipe, latents, image_latents, predict, capture, sigmas, embeds.dtype)
+            return _decode(pipe, recipe, latents, height, width, engine_form=True)
+
+        if timesteps is None:  # the Diffusers scheduler's timesteps for an engine's sigmas
+            timesteps = sigmas[:-1] * 1000
         if capture is not None:
             capture.timesteps = [float(t) for t in timesteps]
-        scheduler.set_begin_index(0)
-
-        for t in timesteps:
+        for i, t in enumerate(timesteps):
             model_input = latents if image_latents is None else torch.cat([latents, image_latents], dim=1)
             timestep = t.expand(latents.shape[0]).to(latents.dtype)
-            with pipe.transformer.cache_context("cond"):
-                noise_pred = pipe.transformer(hidden_states=model_input, timestep=timestep / 1000, guidance=None,
-                                              encoder_hidden_states_mask=mask, encoder_hidden_states=embeds,
-                                              img_shapes=img_shapes, attention_kwargs={}, return_dict=False)[0]
-                noise_pred = noise_pred[:, : latents.size(1)]
+            noise_pred = predict(model_input, timestep / 1000, True)
             if do_cfg:
-                with pipe.transformer.cache_context("uncond"):
-                    neg_pred = pipe.transformer(hidden_states=model_input, timestep=timestep / 1000,
-                                                guidance=None, encoder_hidden_states_mask=neg_mask,
-                                                encoder_hidden_states=neg_embeds, img_shapes=img_shapes,
-                                                attention_kwargs={}, return_dict=False)[0]
-                neg_pred = neg_pred[:, : latents.size(1)]
+                neg_pred = predict(model_input, timestep / 1000, False)
                 combined = neg_pred + recipe.guidance * (noise_pred - neg_pred)
                 if recipe.cfg_norm:
                     cond_norm = torch.norm(noise_pred, dim=-1, keepdim=True)
@@ -259,13 +281,72 @@ def _render(loaded: LoadedModel, recipe: Recipe, capture: RenderCapture | None, 
                     noise_pred = combined * (cond_norm / noise_norm)
                 else:
                     noise_pred = combined
-            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            if scheduler is not None:
+                latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            else:  # FlowMatchEulerDiscreteScheduler.step's update on the given sigmas (0-dim fp32 dt)
+                latents = (latents.float() + (sigmas[i + 1] - sigmas[i]) * noise_pred).to(noise_pred.dtype)
+        return _decode(pipe, recipe, latents, height, width, engine_form=False)
 
-        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor).to(pipe.vae.dtype)
-        z = pipe.vae.config.z_dim
+
+def engine_noise(pipe, recipe: Recipe, channels: int, height: int, width: int) -> torch.Tensor:
+    """An engine's own initial noise (recipe.noise), packed as the Diffusers transformer takes latents."""
+    if recipe.noise != comfyui.NOISE:
+        raise NotRenderable(f"unknown noise {recipe.noise!r}")
+    noise = comfyui.initial_noise(recipe.seed, channels, height, width)  # [1, C, 1, H/8, W/8], fp32
+    return pipe._pack_latents(noise, 1, channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+
+
+def _sample_x0(recipe: Recipe, latents, image_latents, predict, capture, sigmas, model_dtype) -> torch.Tensor:
+    """ComfyUI's KSampler (euler) with CFG on the denoised prediction: an fp32 state x, the model's velocity v at
+    sigma (its timestep), denoised = x - v*sigma, CFG uncond + (cond - uncond)*cfg (skipped at cfg 1), then
+    x + (x - denoised)/sigma * (next sigma - sigma). `cfg_norm` (a counterfactual here) rescales the combined
+    velocity to the conditional one's norm, as Diffusers does."""
+    if capture is not None:
+        capture.timesteps = [float(s) * 1000 for s in sigmas[:-1]]
+    do_cfg = not math.isclose(recipe.guidance, 1.0)
+    x = latents.float()
+    for i in range(recipe.steps):
+        sigma = sigmas[i]
+        model_input = x.to(model_dtype)  # ComfyUI casts the model's input to the model's dtype
+        if image_latents is not None:
+            model_input = torch.cat([model_input, image_latents], dim=1)
+        timestep = sigma.expand(x.shape[0])  # ModelSamplingAuraFlow: timestep = sigma * multiplier 1, fp32
+        v_cond = predict(model_input, timestep, True).float()
+        denoised = x - v_cond * sigma
+        if do_cfg:
+            v_uncond = predict(model_input, timestep, False).float()
+            if recipe.cfg_norm:
+                combined = v_uncond + recipe.guidance * (v_cond - v_uncond)
+                combined = combined * (torch.norm(v_cond, dim=-1, keepdim=True) /
+                                       torch.norm(combined, dim=-1, keepdim=True))
+                denoised = x - combined * sigma
+            else:
+                uncond = x - v_uncond * sigma
+                denoised = uncond + (denoised - uncond) * recipe.guidance
+        d = (x - denoised) / sigma
+        x = x + d * (sigmas[i + 1] - sigma)
+    return x
+
+
+def _decode(pipe, recipe: Recipe, latents, height: int, width: int, engine_form: bool) -> Image.Image:
+    """Un-normalise the latent, decode it, and make 8-bit pixels as the recipe's side does. `engine_form`: the
+    latent is un-normalised in its own (fp32) dtype as latent*std + mean (ComfyUI's Wan21 process_out) before the
+    cast to the VAE's dtype; else as the Diffusers pipeline does."""
+    z = pipe.vae.config.z_dim
+    latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+    if engine_form:
+        mean = torch.tensor(pipe.vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.tensor(pipe.vae.config.latents_std).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
+        latents = (latents * std / 1.0 + mean).to(pipe.vae.dtype)
+    else:
+        latents = latents.to(pipe.vae.dtype)
         mean = torch.tensor(pipe.vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
         inv_std = 1.0 / torch.tensor(pipe.vae.config.latents_std).view(1, z, 1, 1, 1).to(latents.device,
                                                                                           latents.dtype)
         latents = latents / inv_std + mean
-        image = pipe.vae.decode(latents, return_dict=False)[0][:, :, 0]
+    image = pipe.vae.decode(latents, return_dict=False)[0][:, :, 0]
+    if recipe.pixels == PIXELS_ROUND:
         return pipe.image_processor.postprocess(image, output_type="pil")[0]
+    if recipe.pixels == comfyui.PIXELS:
+        return Image.fromarray(comfyui.to_8bit(image))
+    raise NotRenderable(f"unknown pixel conversion {recipe.pixels!r}")

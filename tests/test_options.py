@@ -20,18 +20,21 @@ VALUES = {"cases": ["a", "b"], "report_dir": "rep", "report_images": "lossless",
           "noise_floor": True, "floor": "0.25", "metrics": "stlpips_alex", "lpips_weights": "/w/alexnet.pth",
           "goldens": "gold", "update_goldens": True, "accept": "cfg_norm control_prompt_resize",
           "deterministic": True, "shard": "2/3", "training": "failed", "offload": "model",
-          "server": "http://127.0.0.1:8765", "server_timeout": "90", "server_local": True}
+          "server": "http://127.0.0.1:8765", "server_timeout": "90", "server_local": True, "reference": "comfyui"}
+# --parity-server takes the reference image from a server, --parity-reference comfyui renders ComfyUI's here: the
+# two exclude each other, so the values are given in two runs, each without one of them.
+EXCLUSIVE = ({"reference": "server"}, {"server": "", "server_local": False})
 
 
 def test_every_setting_has_a_test_value():
     assert set(VALUES) == {s.name for s in table.SETTINGS}
 
 
-def cli_args() -> list[str]:
-    args = ["run", *VALUES["cases"]]
+def cli_args(values: dict) -> list[str]:
+    args = ["run", *values["cases"]]
     for s in table.SETTINGS:
-        if s.cli:
-            args += [s.cli_flag] if s.kind == "flag" else [s.cli_flag, VALUES[s.name]]
+        if s.cli and values[s.name] is not False:
+            args += [s.cli_flag] if s.kind == "flag" else [s.cli_flag, values[s.name]]
     return args
 
 
@@ -50,14 +53,18 @@ class FakeConfig:
 
 
 def test_both_front_ends_give_the_same_options(tmp_path):
-    from_cli = table.from_argparse(parser().parse_args(cli_args()), root=tmp_path)
-    from_pytest = table.from_pytest(FakeConfig(VALUES, tmp_path))
-    assert from_cli == from_pytest
     defaults = table.build({}, tmp_path)
-    changed = [name for name in table.Options.__dataclass_fields__
-               if getattr(from_cli, name) != getattr(defaults, name)]
+    changed = set()
+    for without in EXCLUSIVE:
+        values = {**VALUES, **without}
+        from_cli = table.from_argparse(parser().parse_args(cli_args(values)), root=tmp_path)
+        from_pytest = table.from_pytest(FakeConfig({k: v for k, v in values.items() if v not in ("", False)},
+                                                   tmp_path))
+        assert from_cli == from_pytest
+        changed |= {name for name in table.Options.__dataclass_fields__
+                    if getattr(from_cli, name) != getattr(defaults, name)}
     # every option took the value given (fidelity_floor is the harness' own, not an option)
-    assert set(changed) == set(table.Options.__dataclass_fields__) - {"fidelity_floor"}
+    assert changed == set(table.Options.__dataclass_fields__) - {"fidelity_floor"}
     assert from_cli.thresholds == {"ssim_min": 0.5, "mean_abs_max": 2.0, "max_abs_max": 30.0, "psnr_min": 35.0}
     assert from_cli.shard == (2, 3) and from_cli.cases == (tmp_path / "a", tmp_path / "b")
 
