@@ -73,7 +73,14 @@ def test_accepted_fields_pass_as_explained(pytester, small_root, tmp_path, rende
     assert set(pd.read_csv(tmp_path / "r" / "parity.csv")["verdict"]) == {"explained"}
     settings.write_text(settings.read_text().replace("cfg_norm, ", ""))  # one known difference not accepted
     result = run_suite(pytester, small_root, tmp_path / "r", render_cache)
-    result.assert_outcomes(failed=2)
+    # step 3 fails (the accepted fields' switch no longer reaches the training render's distance); step 6 prompt
+    # 1's closing set reaches it with accepted fields alone (cfg_norm moves it by less): explained by its set
+    result.assert_outcomes(failed=1, passed=1)
+    rows = pd.read_csv(tmp_path / "r" / "parity.csv").set_index("id")
+    assert rows.loc["tiny_qwen_edit_plus_parity_a/3/0", "verdict"] == "mismatch"
+    explained = rows.loc["tiny_qwen_edit_plus_parity_a/6/1"]
+    assert explained["verdict"] == "explained" and explained["reason"].startswith("gap closed by accepted fields")
+    assert "cfg_norm" not in explained["closing_set"]
 
 
 def test_xdist_and_shards_give_the_serial_rows(pytester, small_root, tmp_path, render_cache):
