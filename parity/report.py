@@ -226,6 +226,7 @@ def _row(record: dict, folder: Path, page_dir: Path, listings: dict[Path, dict] 
             "ssim": _num(record.get("ssim")), "lpips": _num(record.get("lpips_alex")),
             "stlpips": _num(record.get("stlpips_alex")), "top_cause": _text(record.get("top_cause")),
             "top_share": _num(record.get("top_cause_share")), "step": _num(record.get("step")),
+            "closing_set": _text(record.get("closing_set")),
             "index": _num(record.get("sample_index")), "images": found, "findings": findings,
             "recipe": recipe, "causes": _causes(record), "hints": hints,
             "comparable": comparable, "pair": (a, b), "strip": strip}

@@ -275,6 +275,7 @@ def test_index_shows_counts_environment_and_causes(report):
     for value in ("NVIDIA H100 80GB HBM3", "bfloat16", "2.14.1", "0.39.0", "5.5.3", "0.18.1", "Qwen/Qwen-Image-Edit-2509"):
         assert value in html
     assert '<span class="cause">cfg_norm</span>' in html and "80%" in html
+    assert "closing set: cfg_norm 0.80 &gt; text_encoder_rope 1.00" in html  # a set of more than one field
 
 
 def test_case_page_has_recipes_findings_attribution_hints_and_charts(report):
