@@ -206,7 +206,7 @@ DEMO = ROOT / "cases" / "workspace" / "aitk" / "demo-qwen-image-edit-2509"
 
 
 def test_the_bundled_model_says_how_each_part_was_made():
-    """The bundled model is two runs of one recipe (README, "The demo model"): the VAE and text encoder of a whole
+    """The bundled model is two runs of one recipe (scripts/demo_model/README.md): the VAE and text encoder of a whole
     `train.py` run from seed 0, and the transformer stages trained again on them with `--favour grey:any:0.5`
     (`seed_search.py --vae-from`). Its training.json holds both records: the transformer run's arguments, and
     under `vae_from` the first run's record of the VAE stages, whose held-out PSNR meets the issue's 28 dB."""

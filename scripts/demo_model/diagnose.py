@@ -7,7 +7,7 @@ edit's true target latents noised to sigma (x_t = (1 - s) x_0 + s noise), the co
 prompt, as in training; its estimate x0 = x_t - s v is decoded and judged with `task.edit_is_right`. A model
 whose estimate is right from sigma 0.7 down but wrong at 0.9-0.98 decides its renders in the first sampling
 steps, where a render at the pipeline's shift spends about a fifth of its 25 steps, and carries those errors
-on (measured on the bundled model: see the README's "The demo model").
+on (measured on the bundled model: see scripts/demo_model/README.md).
 
 Printed: one line per edit (right or not at each sigma), then the share right per sigma. `--sheet` writes the
 control image and the decoded estimates, one row per edit.
