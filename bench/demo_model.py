@@ -47,7 +47,8 @@ import task  # noqa: E402  (scripts/demo_model/task.py)
 from parity import pipeline, render  # noqa: E402
 from parity.models import rendered  # noqa: E402
 from parity.preprocess import PROMPT_RESIZE, VAE_RESIZE, vae_size  # noqa: E402
-from parity.recipe import LORA_NONE, Recipe, scheduler_json  # noqa: E402
+from parity.forms import LORA_NONE  # noqa: E402
+from parity.recipe import Recipe, scheduler_json  # noqa: E402
 
 DEMO = REPO / "cases/workspace/aitk/demo-qwen-image-edit-2509"  # where train.py's checkpoint is meant to go
 TARGETS = {"edit_accuracy": 0.8, "resemblance": 0.6, "guidance_effect": 8.0, "cfg_norm_over_floor": 10.0}

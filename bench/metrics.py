@@ -42,7 +42,7 @@ def one_render() -> tuple[float, str]:
     from parity import pipeline, render
     from parity.case import discover
     from parity.previews import index_checkpoints, index_previews, lora_for_step
-    from parity.recipe import reference_recipe
+    from parity.engines.server import reference_recipe
 
     case = next(c for c in discover([ROOT / "tests" / "data" / "tiny"]) if c.name == "tiny_qwen_image_edit_plus_lora_v1")
     job = case.job()

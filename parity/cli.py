@@ -140,7 +140,7 @@ class Progress:
 
 def requests(args, options) -> int:
     """`parity requests`: JSON lines to --out or standard output; previews without recipes on standard error."""
-    from .requests import write
+    from .engines.server.requests import write
 
     tasks = plan(options)
     fix = None

@@ -19,7 +19,7 @@ from .kernels import bf16_conv_mode
 from .precision import Precision
 from .precision import apply as apply_precision
 from .preflight import LORA_PREFIX, locate_model
-from .recipe import LORA_FUSED, LORA_MERGED_FP32, LORA_PEFT, LORA_RUNTIME_FP32
+from .forms import LORA_FUSED, LORA_MERGED_FP32, LORA_PEFT, LORA_RUNTIME_FP32
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
           "float16": torch.float16, "fp16": torch.float16}

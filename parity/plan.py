@@ -17,7 +17,8 @@ from .errors import CaseError
 from .identity import file_sha256
 from .options import Options
 from .previews import Preview, PrunedCheckpoint, index_checkpoints, index_previews, lora_for_step
-from .recipe import Recipe, training_recipe
+from .engines.aitk import training_recipe
+from .recipe import Recipe
 
 
 @dataclass

@@ -15,39 +15,18 @@ import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from . import models
-from .aitk_config import SampleItem, TrainingJob, snap
-from .preprocess import effective_prompt_resize, effective_vae_resize
+from .forms import CFG_V, NOISE_DIFFUSERS, PIXELS_ROUND, SIGMAS_DIFFUSERS
 
-# ai-toolkit's fixed sampling scheduler (qwen_image.py `scheduler_config`, used by get_train_scheduler).
-AITK_SCHEDULER = {
-    "num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.5,
-    "max_shift": 0.9, "base_image_seq_len": 256, "max_image_seq_len": 8192, "invert_sigmas": False,
-    "shift_terminal": 0.02, "use_karras_sigmas": False, "use_exponential_sigmas": False,
-    "use_beta_sigmas": False, "time_shift_type": "exponential", "stochastic_sampling": False,
-}
-SCHEDULER_KEYS = tuple(sorted(AITK_SCHEDULER))
+# The FlowMatchEulerDiscreteScheduler settings sampling reads (the `scheduler` field keeps these, sorted).
+SCHEDULER_KEYS = ("base_image_seq_len", "base_shift", "invert_sigmas", "max_image_seq_len", "max_shift",
+                  "num_train_timesteps", "shift", "shift_terminal", "stochastic_sampling", "time_shift_type",
+                  "use_beta_sigmas", "use_dynamic_shifting", "use_exponential_sigmas", "use_karras_sigmas")
 
 
-LORA_PEFT = "peft-adapter/base-dtype"  # load_lora_weights + adapter weight, math in the base dtype
-LORA_RUNTIME_FP32 = "runtime/fp32"  # ai-toolkit LoRA modules added to the layer output at run time
-LORA_MERGED_FP32 = "merged/fp32"  # ai-toolkit merges W + m*B@A in fp32, cast back to the base dtype
-LORA_FUSED = "fused/base-dtype"  # the server's fuse_lora: W + m*B@A as PEFT's merge computes it, in the base dtype
-LORA_NONE = "none"  # no LoRA (step 0: an untrained LoRA has a zero up-matrix)
-
-# How sigmas are made, how CFG is combined, how the initial noise is drawn (issue 46): the Diffusers forms are the
-# defaults, so every recipe from before these fields keeps its values, its cache key and its pixels.
-SIGMAS_DIFFUSERS = "diffusers flowmatch: linspace(1, 1/N, N) through `scheduler` (dynamic: mu from the latent tokens)"
-CFG_V = "v"  # CFG on the velocity (Diffusers); `cfg_norm` says whether it is rescaled to the conditional norm
-CFG_X0 = "x0 (ComfyUI)"  # CFG on the denoised prediction x - sigma*v, k-diffusion Euler on an fp32 state
-NOISE_DIFFUSERS = "diffusers prepare_latents, torch.Generator(generator_device), in the compute dtype"
-PIXELS_ROUND = "round"  # Diffusers' postprocess: (x/2+0.5).clamp(0,1)*255, rounded
 # the defaults of the fields above, left out of Recipe.key() at these values (old caches stay valid)
 KEY_DEFAULTS = {"sigma_schedule": SIGMAS_DIFFUSERS, "cfg_form": CFG_V, "noise": NOISE_DIFFUSERS,
                 "pixels": PIXELS_ROUND}
 
-DEFAULT_REFERENCE_STEPS = 25  # ai-toolkit-inference PipelineConfig.default_steps
-DEFAULT_REFERENCE_SEED = 42  # the server's seed is 42 + prompt index when the request has none
 
 
 @dataclass(frozen=True)
@@ -212,104 +191,11 @@ def scheduler_json(config: dict) -> str:
     return json.dumps({k: config.get(k) for k in SCHEDULER_KEYS}, sort_keys=True)
 
 
-def _quantization(job: TrainingJob, ara: str | None) -> str:
-    parts = []
-    if job.quantize:
-        parts.append(f"transformer:{job.qtype}" + (f"+ara:{ara}" if ara else ""))
-    if job.quantize_te:
-        parts.append(f"text_encoder:{job.qtype_te}")
-    return " ".join(parts) or "none"
-
-
 def device_kind(device: str) -> str:
     """`cuda:0` -> `cuda`: the index picks a card, not the kernels, so cuda, cuda:0 and cuda:1 are one device kind."""
     return device.partition(":")[0]
 
 
-def _dtype_name(train_dtype: str) -> str:
-    return {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-            "fp32": "float32", "float32": "float32"}.get(train_dtype.lower(), train_dtype)
-
-
 def replace_trigger(prompt: str, trigger: str | None) -> str:
     # ai-toolkit inject_trigger_into_prompt(add_if_not_present=False): no trigger word -> "[trigger]" stays.
     return prompt.replace("[trigger]", trigger) if trigger else prompt
-
-
-def training_recipe(job: TrainingJob, item: SampleItem, lora: str | None, resolve, *, lora_merged: bool = False,
-                    scheduler: dict | None = None, ara: str | None = None, ara_file: str | None = None) -> Recipe:
-    """What ai-toolkit did for the preview of `item` (resolve maps a config path to a local file; `ara`: the
-    accuracy recovery adapter's content hash, or "not found"). What differs per model comes from models/."""
-    model = models.of_job(job)
-    rules = models.rules(model)
-    prompt_imgs, vae_imgs = rules.training_control_images(item)
-    vae_files = tuple(str(resolve(p, "control image")) for p in vae_imgs)
-    fmt = str(job.sample.get("format", "jpg")).lower()
-    # GenerateImageConfig floors to 8 (min 64); the Qwen pipeline then floors to vae_scale_factor*2 = 16,
-    # and ai-toolkit's qwen model snaps to its bucket divisibility (32) before calling it.
-    width, height = snap(item.width, model.training_divisor), snap(item.height, model.training_divisor)
-    return Recipe(
-        width=width,
-        height=height,
-        steps=item.sample_steps,
-        scheduler=scheduler_json(scheduler or AITK_SCHEDULER),
-        guidance=float(item.guidance_scale),
-        cfg_norm=rules.training_cfg_norm(job),
-        negative_prompt=item.neg,
-        seed=item.seed,
-        generator_device="cpu",
-        prompt=replace_trigger(item.prompt, job.trigger_word),
-        control_images_prompt=tuple(str(resolve(p, "control image")) for p in prompt_imgs),
-        control_images_vae=vae_files,
-        control_prompt_resize=rules.TRAINING_PROMPT_RESIZE,
-        control_vae_resize=effective_vae_resize(rules.TRAINING_VAE_RESIZE, vae_files, width, height),
-        lora=lora,
-        multiplier=float(item.network_multiplier),
-        lora_application=LORA_NONE if lora is None else LORA_MERGED_FP32 if lora_merged else LORA_RUNTIME_FP32,
-        precision=_quantization(job, ara),
-        # load_model: text_encoder.to(device, dtype=dtype) also casts the float32 rotary inv_freq buffers.
-        text_encoder_rope=_dtype_name(job.train_dtype),
-        vae_tiling=job.low_vram,
-        device=device_kind(job.device),
-        dtype=_dtype_name(job.train_dtype),
-        output_format="png" if fmt == "png" else ("jpeg-q75" if fmt in ("jpg", "jpeg") else fmt),
-        model=model.name,
-        ara_file=ara_file,
-    )
-
-
-def reference_recipe(job: TrainingJob, item: SampleItem, lora: str | None, resolve, *, scheduler: dict,
-                     device: str, dtype: str) -> Recipe:
-    """What the reference pipeline does for a request carrying this preview's settings."""
-    model = models.of_job(job)
-    rules = models.rules(model)
-    images = tuple(str(resolve(p, "control image")) for p in rules.reference_control_images(item))
-    # executor: (width // divisor) * divisor of the request
-    width, height = snap(item.requested_width, model.reference_divisor), snap(item.requested_height,
-                                                                              model.reference_divisor)
-    return Recipe(
-        width=width,
-        height=height,
-        steps=item.sample_steps,  # sent explicitly; the server's default (25) applies only to a bare request
-        scheduler=scheduler_json(scheduler),  # the checkpoint's scheduler_config.json via the stock pipeline
-        guidance=float(item.guidance_scale),
-        cfg_norm=rules.REFERENCE_CFG_NORM,
-        negative_prompt=item.neg,
-        seed=item.seed,
-        generator_device="cpu",
-        prompt=replace_trigger(item.raw_prompt, job.trigger_word),
-        control_images_prompt=images,
-        control_images_vae=images,
-        control_prompt_resize=effective_prompt_resize(rules.REFERENCE_PROMPT_RESIZE, images),
-        control_vae_resize=effective_vae_resize(rules.REFERENCE_VAE_RESIZE, images, width, height),
-        lora=lora,
-        multiplier=float(item.network_multiplier),
-        lora_application=LORA_NONE if lora is None else model.reference_lora,
-        precision="none",
-        text_encoder_rope="float32",  # from_pretrained(torch_dtype=...) keeps the rotary buffers in float32
-        vae_tiling=False,
-        device=device_kind(device),
-        dtype=dtype,
-        output_format="png",
-        model=model.name,
-    )

@@ -28,7 +28,8 @@ from .kernels import cpu_bf16_convolutions
 from .pipeline import DTYPES, LoadedModel
 from .preprocess import VAE_RESIZE, VAE_RULES, UnknownRule, prompt_size, to_request, vae_size
 from .engines import comfyui
-from .recipe import CFG_V, CFG_X0, NOISE_DIFFUSERS, PIXELS_ROUND, SIGMAS_DIFFUSERS, Recipe
+from .forms import CFG_V, CFG_X0, NOISE_DIFFUSERS, PIXELS_ROUND, SIGMAS_DIFFUSERS
+from .recipe import Recipe
 
 
 @dataclass

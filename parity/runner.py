@@ -28,7 +28,7 @@ from .options import Options
 from .plan import Task, plan  # noqa: F401 (re-exported: the library's entry points)
 from .recipe import FIELD_NAMES, Recipe, differing_fields, switch
 from .renders import Renders
-from .server import ServerError
+from .engines.server.client import ServerError
 from .verdicts import explained_by_set, fidelity_verdict, judge, passes
 
 MAP_NAMES = {"diff": "diff", "ssim": "ssim_map"}  # image suffixes the report reads
@@ -99,7 +99,7 @@ class Checker:
         self._prepared: set[str] = set()  # cases whose renders were made together (`prepare`)
         self.server = None  # server mode (--parity-server): the reference images come from a running server
         if options.server:
-            from .server import ServerSide
+            from .engines.server.client import ServerSide
 
             self.server = ServerSide(options.server, options.server_timeout)
 
@@ -337,7 +337,7 @@ class Checker:
         thresholds, verified by rendering (prescription.py)."""
         from .attribution import distance
         from .prescription import prescribe
-        from .requests import prepare
+        from .engines.server.requests import prepare
 
         preview = open_preview(task.preview) if preview is None else preview
         encode, metric = self.preview_encoder(task), self.options.metric

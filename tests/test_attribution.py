@@ -8,7 +8,7 @@ from conftest import TINY_MODEL
 from parity import pipeline, render
 from parity.attribution import attribute, cause_groups
 from parity.preprocess import PROMPT_RESIZE_TRANSPOSED
-from parity.recipe import LORA_MERGED_FP32, LORA_RUNTIME_FP32
+from parity.forms import LORA_MERGED_FP32, LORA_RUNTIME_FP32
 from test_recipe import recipes
 
 pytestmark = pytest.mark.filterwarnings("ignore")

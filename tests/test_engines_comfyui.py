@@ -24,7 +24,7 @@ from parity import pipeline, render
 from parity.engines import comfyui
 from parity.findings import find
 from parity.plan import plan
-from parity.recipe import CFG_X0, PIXELS_ROUND
+from parity.forms import CFG_X0, PIXELS_ROUND
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -9,7 +9,7 @@ from conftest import DEMO_MODEL, TINY_CASES, TINY_MODEL
 from parity import models, pipeline
 from parity.aitk_config import SampleItem
 from parity.errors import CaseError
-from parity.recipe import LORA_FUSED, LORA_PEFT
+from parity.forms import LORA_FUSED, LORA_PEFT
 
 EDIT_PLUS = models.rendered()["qwen_image_edit_plus"]
 EDIT_PLUS_2511 = models.rendered()["qwen_image_edit_plus_2511"]
@@ -94,7 +94,8 @@ def test_qwen_image_recipes_floor_by_each_side_and_ignore_control_images(tmp_pat
 
     from parity.aitk_config import load_job
     from parity.findings import differing_fields
-    from parity.recipe import reference_recipe, training_recipe
+    from parity.engines.aitk import training_recipe
+    from parity.engines.server import reference_recipe
 
     source = TINY_CASES / "workspace" / "aitk" / "output" / "tiny_qwen_image_edit_plus_lora_v1" / "config.yaml"
     for name_or_path, expected, lora in (("Qwen/Qwen-Image", "qwen_image", LORA_PEFT),

@@ -12,8 +12,10 @@ from parity.plan import accuracy_recovery_adapter
 from parity.findings import find
 from parity.models import by_name
 from parity.previews import index_checkpoints, index_previews, lora_for_step
-from parity.recipe import (AITK_SCHEDULER, FIELD_NAMES, LORA_PEFT, LORA_RUNTIME_FP32, reference_recipe,
-                           switch, training_recipe)
+from parity.engines.aitk import AITK_SCHEDULER, training_recipe
+from parity.engines.server import reference_recipe
+from parity.forms import LORA_PEFT, LORA_RUNTIME_FP32
+from parity.recipe import FIELD_NAMES, switch
 from parity.preprocess import PROMPT_RESIZE, PROMPT_RESIZE_TRANSPOSED, prompt_size
 
 RUNS = ["tiny_qwen_image_edit_plus_lora_v1", "tiny_qwen_image_edit_plus_lora_strong_v1",

@@ -77,7 +77,7 @@ def test_2511_reference_render_equals_stock_pipeline_with_the_fused_lora(tiny_mo
     import json
     import shutil
 
-    from parity.recipe import LORA_FUSED
+    from parity.forms import LORA_FUSED
 
     model = tmp_path / "tiny-qwen-image-edit-2511"
     shutil.copytree(tiny_model, model)

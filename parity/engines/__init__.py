@@ -1,8 +1,8 @@
 """Reference engines (DESIGN section 12): each module builds the reference recipe one engine follows for a preview.
 
-Everything after the recipe (render, compare, findings, attribution, report) is shared and engine-blind. The
-runcomfy server's builder is still `parity.recipe.reference_recipe` (issue 46 point 5 moves it here);
-`comfyui` holds what ComfyUI's native graphs do.
+Everything after the recipe (render, compare, findings, attribution, report) is shared and engine-blind. One place
+per engine: `aitk` (the training side: what ai-toolkit did), `server` (runcomfy's reference server: its recipe, its
+requests, its client), `comfyui` (what ComfyUI's native graphs do). A new engine is one new module here.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ def reference_recipe(engine: str, job, item, lora, resolve, *, scheduler: dict, 
 
         return comfyui.reference_recipe(job, item, lora, resolve, device=device, dtype=dtype, scheduler=scheduler)
     if engine == "server":
-        from ..recipe import reference_recipe as server_recipe
+        from . import server
 
-        return server_recipe(job, item, lora, resolve, scheduler=scheduler, device=device, dtype=dtype)
+        return server.reference_recipe(job, item, lora, resolve, scheduler=scheduler, device=device, dtype=dtype)
     raise ValueError(f"unknown reference engine {engine!r} (known: {', '.join(ENGINES)})")

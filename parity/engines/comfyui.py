@@ -33,7 +33,8 @@ from .. import models
 from ..aitk_config import SampleItem, TrainingJob, snap
 from ..errors import CaseError, NotRenderable
 from ..preprocess import PROMPT_RESIZE, VAE_RESIZE
-from ..recipe import CFG_X0, LORA_MERGED_FP32, LORA_NONE, Recipe, device_kind, replace_trigger, scheduler_json
+from ..forms import CFG_X0, LORA_MERGED_FP32, LORA_NONE
+from ..recipe import Recipe, device_kind, replace_trigger, scheduler_json
 
 NOISE = "ComfyUI prepare_noise: torch.manual_seed, fp32 CPU, [B,16,1,H/8,W/8]"
 PIXELS = "truncate (ComfyUI SaveImage: uint8(clip(255*(x+1)/2)))"

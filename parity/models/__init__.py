@@ -11,38 +11,10 @@ Adding an ai-toolkit arch is one module here plus its cases.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from ..errors import CaseError
 
-# The reference server's ids (runcomfy-com/ai-toolkit-inference ModelType) of the whole family, and the ai-toolkit
-# arch that trains each: the harness knows them all, and says which it renders.
-FAMILY = {
-    "qwen_image": ("qwen_image", "Qwen/Qwen-Image"),
-    "qwen_image_2512": ("qwen_image", "Qwen/Qwen-Image-2512"),
-    "qwen_image_edit": ("qwen_image_edit", "Qwen/Qwen-Image-Edit"),
-    "qwen_image_edit_plus": ("qwen_image_edit_plus", "Qwen/Qwen-Image-Edit-2509"),
-    "qwen_image_edit_plus_2511": ("qwen_image_edit_plus", "Qwen/Qwen-Image-Edit-2511"),
-}
-
-
-@dataclass(frozen=True)
-class Model:
-    """One reference-server model id and what differs per model on both sides."""
-
-    id: str  # the reference server's id (its ModelType)
-    arch: str  # ai-toolkit's model.arch, without the tag
-    variant: str | None  # the tag that tells it from the other checkpoints of its arch (2509, 2511, 2512)
-    hub_id: str  # the reference server's base_model
-    pipeline: str  # the stock Diffusers pipeline class both sides render with
-    reference_divisor: int  # the server floors width and height to this
-    training_divisor: int  # ai-toolkit's get_bucket_divisibility
-    reference_lora: str  # recipe.LORA_PEFT (set_adapters) or recipe.LORA_FUSED (fuse_lora)
-
-    @property
-    def name(self) -> str:
-        """As the recipe, the CSV and the report show it: `qwen_image_edit_plus:2511 (qwen_image_edit_plus_2511)`."""
-        return f"{self.arch}{':' + self.variant if self.variant else ''} ({self.id})"
+from .model import FAMILY, Model  # noqa: F401 (the package's public names)
 
 
 def _modules():

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from ..aitk_config import SampleItem, TrainingJob
 from ..preprocess import PROMPT_RESIZE, VAE_RESIZE
-from ..recipe import LORA_FUSED, LORA_PEFT
-from . import Model
+from ..forms import LORA_FUSED, LORA_PEFT
+from .model import Model
 
 COMMON = dict(arch="qwen_image", pipeline="QwenImagePipeline", reference_divisor=16, training_divisor=32)
 MODELS = (

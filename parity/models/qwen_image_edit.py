@@ -15,8 +15,8 @@ from ..aitk_config import SampleItem, TrainingJob
 from ..errors import CaseError
 from ..preprocess import (PROMPT_RESIZE_1024, PROMPT_RESIZE_1024_TRANSPOSED, VAE_RESIZE_REQUEST_BILINEAR,
                           VAE_RESIZE_REQUEST_LANCZOS)
-from ..recipe import LORA_PEFT
-from . import Model
+from ..forms import LORA_PEFT
+from .model import Model
 
 MODELS = (
     Model(id="qwen_image_edit", arch="qwen_image_edit", variant=None, hub_id="Qwen/Qwen-Image-Edit",

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from ..aitk_config import SampleItem, TrainingJob
 from ..preprocess import PROMPT_RESIZE, PROMPT_RESIZE_TRANSPOSED, VAE_RESIZE
-from ..recipe import LORA_FUSED, LORA_PEFT
-from . import Model
+from ..forms import LORA_FUSED, LORA_PEFT
+from .model import Model
 
 COMMON = dict(arch="qwen_image_edit_plus", pipeline="QwenImageEditPlusPipeline", reference_divisor=32,
               training_divisor=32)

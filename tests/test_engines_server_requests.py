@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CASES, ROOT, TRACES
-from parity.requests import request
+from parity.engines.server.requests import request
 from parity.runner import Options, plan
 
 TASKS = [t for t in plan(Options(cases=(CASES,), dtype="float32")) if t.training is not None]

@@ -17,10 +17,10 @@ import base64
 import json
 from pathlib import Path
 
-from .findings import find
-from .models import by_name
-from .plan import Task
-from .recipe import Recipe
+from ...findings import find
+from ...models import by_name
+from ...plan import Task
+from ...recipe import Recipe
 
 IMAGE_MODES = ("base64", "path")
 

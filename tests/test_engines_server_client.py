@@ -17,7 +17,7 @@ import pytest
 
 from conftest import CASES, DEMO_MODEL, ROOT
 from parity.runner import Options, run
-from parity.server import Client, ServerError
+from parity.engines.server.client import Client, ServerError
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 V1 = CASES / "workspace" / "aitk" / "output" / "demo_qwen_image_edit_plus_lora_v1"

@@ -1,0 +1,20 @@
+"""Named values of recipe fields that more than one place needs (recipe.py, models/, engines/, the renderer and
+the pipeline): how a LoRA is applied, how sigmas are made, how CFG is combined, how noise is drawn, how pixels
+become 8-bit. A small leaf module, so that models/ and recipe.py never import each other.
+"""
+
+from __future__ import annotations
+
+LORA_PEFT = "peft-adapter/base-dtype"  # load_lora_weights + adapter weight, math in the base dtype
+LORA_RUNTIME_FP32 = "runtime/fp32"  # ai-toolkit LoRA modules added to the layer output at run time
+LORA_MERGED_FP32 = "merged/fp32"  # ai-toolkit merges W + m*B@A in fp32, cast back to the base dtype
+LORA_FUSED = "fused/base-dtype"  # the server's fuse_lora: W + m*B@A as PEFT's merge computes it, in the base dtype
+LORA_NONE = "none"  # no LoRA (step 0: an untrained LoRA has a zero up-matrix)
+
+# How sigmas are made, how CFG is combined, how the initial noise is drawn (issue 46): the Diffusers forms are the
+# defaults, so every recipe from before these fields keeps its values, its cache key and its pixels.
+SIGMAS_DIFFUSERS = "diffusers flowmatch: linspace(1, 1/N, N) through `scheduler` (dynamic: mu from the latent tokens)"
+CFG_V = "v"  # CFG on the velocity (Diffusers); `cfg_norm` says whether it is rescaled to the conditional norm
+CFG_X0 = "x0 (ComfyUI)"  # CFG on the denoised prediction x - sigma*v, k-diffusion Euler on an fp32 state
+NOISE_DIFFUSERS = "diffusers prepare_latents, torch.Generator(generator_device), in the compute dtype"
+PIXELS_ROUND = "round"  # Diffusers' postprocess: (x/2+0.5).clamp(0,1)*255, rounded
