@@ -1,5 +1,5 @@
-"""One option table: the pytest flags and ini keys, `parity run`'s arguments and the README's table all come
-from `parity.options.SETTINGS`, and the same values give the same Options through either front end."""
+"""One option table: the pytest flags and ini keys, `parity run`'s arguments and the table in docs/options.md all
+come from `parity.options.SETTINGS`, and the same values give the same Options through either front end."""
 
 from __future__ import annotations
 
@@ -101,9 +101,9 @@ def test_pytest_help_lists_every_flag_and_ini_key(pytester):
         assert s.flag in text and s.ini in text, s.name
 
 
-def test_readme_table_is_the_generated_one():
-    assert table.markdown_table() in (ROOT / "README.md").read_text(), \
-        "README's option table is stale: paste `python -m parity.options` into it"
+def test_docs_table_is_the_generated_one():
+    assert table.markdown_table() in (ROOT / "docs" / "options.md").read_text(), \
+        "docs/options.md's option table is stale: run scripts/gen-docs"
 
 
 def test_bad_values_name_the_option_as_each_front_end_spells_it(tmp_path):
