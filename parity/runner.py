@@ -6,53 +6,29 @@ preview's check never raises for that preview's sake: every problem becomes its 
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
 import traceback
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from . import compare as cmp
-from . import expectations, metrics
-from .errors import CaseError, NotRenderable
+from . import expectations, fidelity, metrics
+from .errors import CaseError
+from .explainer import Explainer
+from .fidelity import Fidelity
 from .findings import find
 from .goldens import Goldens, fingerprint, golden_name
-from .identity import cpu_kind
-from .images import check_mode, save_preview
-from .images import save as write_image
 from .interrupt import INTERRUPT
 from .options import Options
 from .plan import Task, plan  # noqa: F401 (re-exported: the library's entry points)
-from .recipe import FIELD_NAMES, Recipe, differing_fields, switch
+from .preview_file import open_preview, preview_jpeg  # noqa: F401 (re-exported)
+from .recipe import FIELD_NAMES, Recipe
 from .renders import Renders
+from .report_images import ReportImages
 from .engines.server.client import ServerError
-from .verdicts import explained_by_set, fidelity_verdict, judge, passes
-
-MAP_NAMES = {"diff": "diff", "ssim": "ssim_map"}  # image suffixes the report reads
-
-
-def preview_jpeg(path: Path):
-    """How a preview file was JPEG-encoded (None for lossless), read once per file version."""
-    st = os.stat(path)
-    return _preview_jpeg(str(path), st.st_size, st.st_mtime)
-
-
-@functools.lru_cache(maxsize=256)
-def _preview_jpeg(path: str, size: int, mtime: float):
-    return metrics.preview_jpeg(path)
-
-
-def open_preview(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise CaseError(path, f"preview image cannot be read ({exc.__class__.__name__})",
-                        "copy the preview again from the training machine, or delete it") from None
+from .verdicts import explained_by_set, judge
 
 
 def deterministic() -> None:
@@ -80,31 +56,40 @@ def environment(device: str) -> dict[str, str]:
 
 
 class Checker:
-    """Renders and compares tasks; holds the render cache and where images go."""
+    """Checks previews, one record each: the reference image against the preview, the training recipe's fidelity,
+    the goldens, the verdict. Its parts: `renders` (the render cache, renders.py), `images` (report_images.py),
+    `server` (server_mode.py, with --parity-server), `fidelity` (fidelity.py), `explainer` (explainer.py:
+    attribution and accepted fields); the verdict rules themselves are pure functions (verdicts.py)."""
 
     def __init__(self, options: Options):
         self.options = options
-        check_mode(options.report_images)
+        self.images = ReportImages(options.report_dir, options.report_images)
         if options.deterministic:
             deterministic()
         self.env = environment(options.device)
         self.env["deterministic"] = str(options.deterministic).lower()
-        self.goldens = None
-        if options.goldens is not None:
-            goldens = Goldens(options.goldens, update=options.update_goldens)
-            self.goldens = goldens if goldens.active else None
+        goldens = Goldens(options.goldens, update=options.update_goldens) if options.goldens is not None else None
+        self.goldens = goldens if goldens is not None and goldens.active else None
         # the metrics run on the render device: on a GPU they cost well under 1 % of a real render
         self.metric_set = metrics.build(options.metrics, lpips_weights=options.lpips_weights, device=options.device)
         self.renders = Renders(options.device, options.offload, options.cache_dir, deterministic=options.deterministic)
+        self.explainer = Explainer(options, self.renders, self.images)
+        self.fidelity = Fidelity(self.render, self.images, options.fidelity_floor, self.env)  # fidelity.py
         self._prepared: set[str] = set()  # cases whose renders were made together (`prepare`)
         self.server = None  # server mode (--parity-server): the reference images come from a running server
         if options.server:
-            from .engines.server.client import ServerSide
+            from .server_mode import ServerMode
 
-            self.server = ServerSide(options.server, options.server_timeout)
+            self.server = ServerMode(options, self.render, self.images)
 
     def render(self, recipe: Recipe, model: str) -> tuple[Image.Image, float]:
         return self.renders.get(recipe, model)
+
+    def explain(self, task: Task, preview: Image.Image, row: dict, only: tuple[str, ...] | None = None):
+        return self.explainer.explain(task, preview, row, only)  # explainer.py
+
+    def prescribe(self, task: Task, preview: Image.Image | None = None):
+        return self.explainer.prescribe(task, preview)  # explainer.py
 
     def prepare(self, tasks: list[Task]) -> None:
         """Make the renders these tasks surely need, grouped by pipeline (each loaded once): the reference, and the
@@ -156,12 +141,9 @@ class Checker:
             reference, seconds = self.render(task.reference, task.model)
             row["render_seconds"] = round(seconds, 3)
         else:
-            reference, fields = self.server.image(task)
-            row.update(fields)
-            if self.options.server_local:
-                self.server_vs_local(task, reference, row)
-        self.save_image(task, "preview", preview)
-        self.save_image(task, "reference", reference)
+            reference = self.server.reference(task, row)
+        self.images.save(task, "preview", preview)
+        self.images.save(task, "reference", reference)
         jpeg = preview_jpeg(task.preview)  # quality and subsampling read from the preview file
         result = metrics.compare_preview(preview, reference, self.metric_set, jpeg=jpeg, device=self.options.device)
         parity, parity_raw = result.judged.comparison, result.raw.comparison
@@ -170,20 +152,11 @@ class Checker:
         row.update(result.as_row())
         failed = self.judge_reference(task, preview, reference, result)
         needed = failed or self.options.training == "always" or self.options.explain == "all"
-        reproduced = self.fidelity(task, preview, jpeg, row) if needed else self.fidelity_skipped(row)
+        reproduced = self.fidelity(task, preview, jpeg, row) if needed else fidelity.skipped(row)
         if self.goldens is not None:
             row.update(self.goldens.check(reference, task.reference, fingerprint(self.env, task.reference.dtype),
                                           golden_name(task.case, task.preview)))
         self.conclude(task, preview, row, failed, reproduced, parity.same_size)
-
-    def server_vs_local(self, task: Task, served: Image.Image, row: dict) -> None:
-        """The server's image against the harness' render of the same request, saved as the server saves (JPEG
-        q95): how closely the harness models the server."""
-        local, seconds = self.render(task.reference, task.model)
-        row["render_seconds"] = round(seconds, 3)
-        self.save_image(task, "local", local)
-        same = cmp.compare(served, cmp.encode_like(local, "jpeg-q95"), ssim=False)
-        row["server_vs_local_mean_abs"], row["server_vs_local_max_abs"] = same.mean_abs, same.max_abs
 
     def judge_reference(self, task: Task, preview: Image.Image, reference: Image.Image, result) -> list:
         """The thresholds the reference render misses (with its maps saved), or the size gap."""
@@ -191,8 +164,7 @@ class Checker:
         if not parity.same_size:  # e.g. the divisors differ: attribution and `accept` can still name the field
             return [f"preview is {parity.size_a[0]}x{parity.size_a[1]}, regeneration is "
                     f"{parity.size_b[0]}x{parity.size_b[1]}"]
-        for name, image in metrics.maps(preview, reference, result.raw).items():
-            self.save_image(task, MAP_NAMES.get(name, name + "_map"), image)
+        self.images.save_maps(task, preview, reference, result.raw)
         return judge(parity, task.thresholds)
 
     def conclude(self, task: Task, preview: Image.Image, row: dict, failed: list, reproduced: bool,
@@ -205,46 +177,19 @@ class Checker:
         if explain and (same_size or reproduced):  # a size gap with a wrong-size training render: inputs
             only = None
             if self.options.explain == "failed" and outcome.get("verdict") == "explained":
-                only = self.accepted(task)
-            result = self.explain(task, preview, row, only=only)
+                only = self.explainer.accepted(task)
+            result = self.explainer.explain(task, preview, row, only=only)
             if outcome.get("verdict") == "mismatch" and result is not None and result.closing is not None:
-                outcome = explained_by_set(outcome, result.closing, self.accepted(task))
+                outcome = explained_by_set(outcome, result.closing, self.explainer.accepted(task))
         if not same_size and outcome.get("verdict") != "explained":
             outcome = dict(verdict="size mismatch", reason=failed[0])
         row.update(outcome)
 
-    @staticmethod
-    def fidelity_skipped(row: dict) -> bool:
-        row["fidelity_verdict"] = "not rendered (--parity-training failed: the reference matched)"
-        return True
-
-    def fidelity(self, task: Task, preview: Image.Image, jpeg, row: dict) -> bool:
-        """The training render against the preview: does the harness reproduce what ai-toolkit made?"""
-        if task.training_problem:
-            row["fidelity_verdict"] = f"not renderable here: {task.training_problem}"
-            return True  # unknown: do not blame the inputs
-        try:
-            training, _ = self.render(task.training, task.model)
-        except NotRenderable as exc:
-            row["fidelity_verdict"] = f"not renderable here: {exc}"
-            return True  # unknown: do not blame the inputs
-        self.save_image(task, "training", training)
-        fidelity = cmp.compare(preview, metrics.encode_jpeg(training, jpeg) if jpeg else training, ssim=False)
-        row["fidelity_max_abs"] = fidelity.max_abs
-        row["fidelity_mean_abs"] = fidelity.mean_abs
-        floor = self.options.fidelity_floor["jpeg" if jpeg else "png"]
-        here = self.env["device"] + (f" ({self.env['gpu']})" if self.env.get("gpu") else
-                                     f" ({cpu_kind()})" if self.env["device"] == "cpu" else "")
-        reproduced, row["fidelity_verdict"] = fidelity_verdict(
-            fidelity.mean_abs, row.get("mean_abs"), floor,
-            recorded_on=f"{task.training.device} (the config's device)", here=here)
-        return reproduced
-
     def verdict(self, task: Task, preview: Image.Image, row: dict, failed: list[str], reproduced: bool) -> dict:
-        accepted = self.accepted(task)
+        accepted = self.explainer.accepted(task)
         renderable = not str(row.get("fidelity_verdict", "")).startswith("not renderable")
         if failed and accepted and reproduced and renderable:
-            explained, detail = self.explained_by(task, preview, accepted)
+            explained, detail = self.explainer.explained_by(task, preview, accepted)
             if explained:
                 return dict(verdict="explained", reason=f"gap explained by accepted fields {', '.join(accepted)} "
                                                         f"({detail}); " + "; ".join(failed))
@@ -257,100 +202,6 @@ class Checker:
                                f"is missing or different (checkpoint, LoRA step, control image, or the config edited "
                                f"after training); " + "; ".join(failed))
         return dict(verdict="mismatch", reason="; ".join(failed))
-
-    @staticmethod
-    def preview_encoder(task: Task):
-        """Save-and-reload as the preview file was saved (JPEG quality and subsampling read from the file)."""
-        jpeg = preview_jpeg(task.preview)
-        return (lambda image: metrics.encode_jpeg(image, jpeg)) if jpeg else (lambda image: image)
-
-    def accepted(self, task: Task) -> tuple[str, ...]:
-        findings = set(differing_fields(task.training, task.reference))
-        return tuple(f for f in FIELD_NAMES if f in findings and f in set(self.options.accept) | set(task.accept))
-
-    def explained_by(self, task: Task, preview: Image.Image, fields: tuple[str, ...]) -> tuple[bool, str]:
-        """The reference render with the accepted fields switched to their training values passes the thresholds,
-        or comes down to the training render's own distance (plus the noise floor): the gap is explained by
-        differences the user accepted, and what is left is within tolerance."""
-        from .attribution import distance
-
-        encode, metric = self.preview_encoder(task), self.options.metric
-        image = self.render(switch(task.reference, task.training, fields), task.model)[0]
-        switched = distance(preview, image, encode, metric)
-        training = distance(preview, self.render(task.training, task.model)[0], encode, metric)
-        within = passes(preview, image, encode, task.thresholds)
-        how = "passes the thresholds" if within else "does not pass the thresholds"
-        detail = (f"{metric} {switched:.4g} with them at the training value ({how}) vs {training:.4g} for the "
-                  f"training recipe")
-        return within or switched <= training + self.options.floor, detail
-
-    def noise_floor(self, task: Task, preview: Image.Image, row: dict) -> float:
-        """The same training recipe through PyTorch's math attention kernel instead of the fused one: how far
-        kernel-level rounding alone moves this image (the floor verdicts and attribution are measured against)."""
-        from .attribution import distance
-
-        again, _ = self.renders.get(task.training, task.model, math_attention=True)
-        encode = self.preview_encoder(task)
-        same = encode(self.render(task.training, task.model)[0])  # in the comparison's encoding
-        floor = {m: distance(same, again, encode, m) for m in ("mean_abs", "max_abs", "ssim", "psnr")}
-        row.update({"floor_mean_abs": floor["mean_abs"], "floor_max_abs": floor["max_abs"],
-                    "floor_how": "training recipe, math vs fused attention kernel (same device and dtype)"})
-        return floor[self.options.metric]
-
-    def explain(self, task: Task, preview: Image.Image, row: dict, only: tuple[str, ...] | None = None):
-        """Counterfactual renders: which finding explains the gap (attribution), saved and recorded; with `only`
-        (the accepted fields of an explained preview), just the causes that hold one of them."""
-        from .attribution import attribute, counterfactuals
-        floor = self.options.floor
-        if task.training_problem:  # e.g. the ARA was not found: say which file, as the fidelity column does
-            row["causes"] = json.dumps({"unavailable": f"the training recipe is not rendered here: "
-                                                      f"{task.training_problem}"})
-            return None
-        try:
-            self.renders.prepare([(r, task.model) for r in (task.reference, task.training, *counterfactuals(
-                task.training, task.reference, only, self.options.reverse))])  # one load per pipeline
-            if self.options.noise_floor:
-                floor = max(floor, self.noise_floor(task, preview, row))
-            encode = self.preview_encoder(task)
-            result = attribute(lambda recipe: self.render(recipe, task.model)[0], preview, task.training,
-                               task.reference, metric=self.options.metric, floor=floor,
-                               reverse=self.options.reverse, encode=encode, only=only,
-                               only_reason=f"the accepted fields ({', '.join(only or ())}) explain the gap; "
-                                           f"--parity-explain all renders it",
-                               passes=lambda image: passes(preview, image, encode, task.thresholds),
-                               prepare=lambda recipes: self.renders.prepare([(r, task.model) for r in recipes]))
-        except NotRenderable as exc:  # attribution measures against the training render
-            row["causes"] = json.dumps({"unavailable": f"the training recipe is not rendered here: {exc}"})
-            return None
-        row.update(result.as_columns())
-        if self.options.reverse and result.closing is not None:  # a failed preview: the request that fixes it
-            fix = self.prescribe(task, preview)
-            row.update(fix=fix.describe(), fix_distance=fix.distance, fix_passes=fix.passes)
-        for cause in result.causes:
-            if cause.distance is not None:  # already rendered: served from the in-memory cache
-                image, _ = self.render(switch(task.reference, task.training, cause.fields), task.model)
-                self.save_image(task, f"cause-{cause.name}", image)
-        return result
-
-    def prescribe(self, task: Task, preview: Image.Image | None = None):
-        """The smallest change to the server's request for this preview that brings its render within the
-        thresholds, verified by rendering (prescription.py)."""
-        from .attribution import distance
-        from .prescription import prescribe
-        from .engines.server.requests import prepare
-
-        preview = open_preview(task.preview) if preview is None else preview
-        encode, metric = self.preview_encoder(task), self.options.metric
-        return prescribe(lambda recipe: self.render(recipe, task.model)[0],
-                         lambda image: distance(preview, image, encode, metric),
-                         lambda image: passes(preview, image, encode, task.thresholds), prepare(task)[1])
-
-    def save_image(self, task: Task, kind: str, image: Image.Image) -> Path:
-        """One image of a preview for the report (images.py: names and encodings)."""
-        folder = Path(self.options.report_dir) / "images" / task.case
-        if kind == "preview":
-            return save_preview(task.preview, image, folder, task.preview.stem, self.options.report_images)
-        return write_image(image, folder, task.preview.stem, kind, self.options.report_images)
 
 
 def base_row(task: Task, env: dict) -> dict:
