@@ -191,81 +191,91 @@ def _parse_flags(path: Path, text: str, where: str) -> tuple[str, dict[str, str]
 def parse_sample_items(path: Path, sample: dict, name: str) -> tuple[SampleItem, ...]:
     """The sample items in order, with seeds, sizes and control images as ai-toolkit resolves them."""
     cfg = {**SAMPLE_DEFAULTS, **sample}
-    base_neg = cfg["neg"] if isinstance(cfg["neg"], str) else ""  # neg: False means "no negative prompt"
-    if isinstance(sample.get("samples"), list) and sample["samples"]:
-        raw_items = sample["samples"]
-        from_list = True
-    elif isinstance(sample.get("prompts"), list):
-        raw_items = [{"prompt": p} for p in sample["prompts"]]
-        from_list = False
-    else:
-        raise CaseError(path, "sample: has neither a `samples:` list nor a `prompts:` list",
-                        "add the prompts the previews were rendered from under sample.samples")
+    raw_items, listed = _raw_items(path, sample)
     problems = _Problems()
     seed = problems.number("sample.seed", cfg["seed"], int)
-    walk = bool(cfg["walk_seed"])
     items = []
     for i, raw in enumerate(raw_items):
-        where = f"sample.{'samples' if from_list else 'prompts'}[{i}]"
+        where = f"sample.{listed}[{i}]"
         if not isinstance(raw, dict) or not isinstance(raw.get("prompt"), str):
             raise CaseError(path, f"{where} has no prompt string", f"give {where} a `prompt:`")
-        unknown = [f"{where}.{k}" for k in raw if k not in KNOWN_ITEM_KEYS]
-        explicit = [k for k in raw if k in KNOWN_ITEM_KEYS and k != "prompt"]
-        prompt, flags, unknown_flags = _parse_flags(path, raw["prompt"], where)
-        unknown += [f"{where} flag {u}" for u in unknown_flags]
-        explicit += [k for k in flags]
-        # Seed: an item's own `seed:` is used as is; without walk_seed it carries over to later items.
-        if "seed" in raw:
-            item_seed = problems.number(f"{where}.seed", raw["seed"], int)
-            if not walk:
-                seed = item_seed
-        elif walk:
-            item_seed = seed + i
-        else:
-            item_seed = seed
-        if "seed" in flags:  # a `--seed` flag changes this prompt only
-            item_seed = problems.number(f"{where} --seed", flags["seed"], int)
-        value = lambda key: flags.get(key, raw.get(key, cfg.get(key)))  # noqa: E731
-        # where a value came from, for messages: this item's flag or key, else the sample-level key
-        source = lambda key: (f"{where} --{key}" if key in flags else f"{where}.{key}" if key in raw  # noqa: E731
-                              else f"sample.{key}")
-        req_w = problems.number(source("width"), value("width"), lambda v: int(float(v)), 512)
-        req_h = problems.number(source("height"), value("height"), lambda v: int(float(v)), 512)
-        neg = flags.get("neg", raw.get("neg", base_neg))
-        for key in ("ctrl_img", "ctrl_img_1", "ctrl_img_2", "ctrl_img_3", "neg"):
-            if key in raw and raw[key] is not None and not isinstance(raw[key], (str, bool) if key == "neg" else str):
-                problems.append((f"{where}.{key} (a file path string)", raw[key]))
-                raw = {k: v for k, v in raw.items() if k != key}
-        ctrl_img = flags.get("ctrl_img", raw.get("ctrl_img"))
-        ctrl_idx = value("ctrl_idx")
-        items.append(SampleItem(
-            index=i,
-            prompt=prompt,
-            raw_prompt=prompt,
-            width=floor_size(req_w),
-            height=floor_size(req_h),
-            requested_width=req_w,
-            requested_height=req_h,
-            neg=neg if isinstance(neg, str) else "",
-            seed=item_seed,
-            guidance_scale=problems.number(source("guidance_scale"), value("guidance_scale")),
-            sample_steps=problems.number(source("sample_steps"), value("sample_steps"), int, 1),
-            network_multiplier=problems.number(source("network_multiplier"), value("network_multiplier")),
-            ctrl_img=ctrl_img,
-            # SampleItem: ctrl_img_1 defaults to ctrl_img (a `--ctrl_img` flag is parsed later and does not).
-            ctrl_img_1=raw.get("ctrl_img_1", raw.get("ctrl_img")),
-            ctrl_img_2=raw.get("ctrl_img_2"),
-            ctrl_img_3=raw.get("ctrl_img_3"),
-            ctrl_idx=None if ctrl_idx is None else problems.number(source("ctrl_idx"), ctrl_idx, int),
-            ctrl_from_flag="ctrl_img" in flags,
-            explicit=tuple(explicit),
-            unknown=tuple(unknown),
-        ))
+        item, seed = _sample_item(path, cfg, raw, i, where, seed, problems)
+        items.append(item)
     for it in items:
         if it.sample_steps < 1:
             problems.append((f"sample item {it.index} sample_steps (at least 1)", it.sample_steps))
     problems.raise_if_any(path)
     return tuple(items)
+
+
+def _raw_items(path: Path, sample: dict) -> tuple[list, str]:
+    """The raw items and the key they are listed under: `samples:` (dicts), else `prompts:` (strings)."""
+    if isinstance(sample.get("samples"), list) and sample["samples"]:
+        return sample["samples"], "samples"
+    if isinstance(sample.get("prompts"), list):
+        return [{"prompt": p} for p in sample["prompts"]], "prompts"
+    raise CaseError(path, "sample: has neither a `samples:` list nor a `prompts:` list",
+                    "add the prompts the previews were rendered from under sample.samples")
+
+
+def _item_seed(raw: dict, flags: dict, where: str, i: int, seed: int, walk: bool,
+               problems: _Problems) -> tuple[int, int]:
+    """(this item's seed, the seed later items start from). An item's own `seed:` is used as is; without
+    walk_seed it carries over to later items. A `--seed` flag changes this prompt only."""
+    if "seed" in raw:
+        item_seed = problems.number(f"{where}.seed", raw["seed"], int)
+        if not walk:
+            seed = item_seed
+    elif walk:
+        item_seed = seed + i
+    else:
+        item_seed = seed
+    if "seed" in flags:
+        item_seed = problems.number(f"{where} --seed", flags["seed"], int)
+    return item_seed, seed
+
+
+def _sample_item(path: Path, cfg: dict, raw: dict, i: int, where: str, seed: int,
+                 problems: _Problems) -> tuple[SampleItem, int]:
+    """One item (`raw`, at `where`) over the sample-level values `cfg`; (the item, the seed later items start
+    from). Wrong types go to `problems`."""
+    unknown = [f"{where}.{k}" for k in raw if k not in KNOWN_ITEM_KEYS]
+    explicit = [k for k in raw if k in KNOWN_ITEM_KEYS and k != "prompt"]
+    prompt, flags, unknown_flags = _parse_flags(path, raw["prompt"], where)
+    unknown += [f"{where} flag {u}" for u in unknown_flags]
+    explicit += [k for k in flags]
+    item_seed, seed = _item_seed(raw, flags, where, i, seed, bool(cfg["walk_seed"]), problems)
+    value = lambda key: flags.get(key, raw.get(key, cfg.get(key)))  # noqa: E731
+    # where a value came from, for messages: this item's flag or key, else the sample-level key
+    source = lambda key: (f"{where} --{key}" if key in flags else f"{where}.{key}" if key in raw  # noqa: E731
+                          else f"sample.{key}")
+    req_w = problems.number(source("width"), value("width"), lambda v: int(float(v)), 512)
+    req_h = problems.number(source("height"), value("height"), lambda v: int(float(v)), 512)
+    base_neg = cfg["neg"] if isinstance(cfg["neg"], str) else ""  # neg: False means "no negative prompt"
+    neg = flags.get("neg", raw.get("neg", base_neg))
+    for key in ("ctrl_img", "ctrl_img_1", "ctrl_img_2", "ctrl_img_3", "neg"):
+        if key in raw and raw[key] is not None and not isinstance(raw[key], (str, bool) if key == "neg" else str):
+            problems.append((f"{where}.{key} (a file path string)", raw[key]))
+            raw = {k: v for k, v in raw.items() if k != key}
+    ctrl_idx = value("ctrl_idx")
+    return SampleItem(
+        index=i, prompt=prompt, raw_prompt=prompt,
+        width=floor_size(req_w), height=floor_size(req_h), requested_width=req_w, requested_height=req_h,
+        neg=neg if isinstance(neg, str) else "",
+        seed=item_seed,
+        guidance_scale=problems.number(source("guidance_scale"), value("guidance_scale")),
+        sample_steps=problems.number(source("sample_steps"), value("sample_steps"), int, 1),
+        network_multiplier=problems.number(source("network_multiplier"), value("network_multiplier")),
+        ctrl_img=flags.get("ctrl_img", raw.get("ctrl_img")),
+        # SampleItem: ctrl_img_1 defaults to ctrl_img (a `--ctrl_img` flag is parsed later and does not).
+        ctrl_img_1=raw.get("ctrl_img_1", raw.get("ctrl_img")),
+        ctrl_img_2=raw.get("ctrl_img_2"),
+        ctrl_img_3=raw.get("ctrl_img_3"),
+        ctrl_idx=None if ctrl_idx is None else problems.number(source("ctrl_idx"), ctrl_idx, int),
+        ctrl_from_flag="ctrl_img" in flags,
+        explicit=tuple(explicit),
+        unknown=tuple(unknown),
+    ), seed
 
 
 def quantization(path: Path, model: dict) -> dict[str, Any]:
