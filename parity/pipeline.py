@@ -1,7 +1,8 @@
-"""Load the Qwen-Image-Edit-Plus pipeline once per (model, device, dtype) and apply LoRAs three ways.
+"""Load a Qwen-Image pipeline once per (model, device, dtype) and apply LoRAs three ways.
 
-The pipeline is the stock `diffusers.QwenImageEditPlusPipeline` loaded with `from_pretrained`, from a hub id
-or a local folder (offline). LoRA checkpoints are swapped on the loaded base, never by reloading it.
+The pipeline is the stock Diffusers class the model renders with (`models.Model.pipeline`, e.g.
+`QwenImageEditPlusPipeline`), loaded with `from_pretrained` from a hub id or a local folder (offline). LoRA
+checkpoints are swapped on the loaded base, never by reloading it.
 """
 
 from __future__ import annotations
@@ -33,22 +34,30 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def default_pipeline() -> str:
+    """The pipeline class when none is named: that of the model a config without `model.arch` trained
+    (models.identify's default, Qwen-Image-Edit-2509)."""
+    from .models import identify
+
+    return identify("", None, "", None).pipeline
+
+
 class LoadedModel:
     """A pipeline on one device in one dtype, plus the LoRA state applied to its transformer."""
 
     def __init__(self, model: str, device: str, dtype: str, precision: Precision | None = None, disk_cache=None,
-                 pipeline: str = "QwenImageEditPlusPipeline", offload: str = "none"):
+                 pipeline: str | None = None, offload: str = "none"):
         import diffusers
 
         self.model = model
-        self.pipeline = pipeline  # the stock Diffusers class (models.Model.pipeline)
+        self.pipeline = pipeline or default_pipeline()  # the stock Diffusers class (models.Model.pipeline)
         self.device = device
         self.dtype = DTYPES[dtype]
         # The folder, or the hub id's snapshot in the local cache (no network); an uncached id that the hub
         # answers for is downloaded here, with Hugging Face's progress bars. Fails in seconds when unreachable.
         source = locate_model(model)
         try:
-            self.pipe = getattr(diffusers, pipeline).from_pretrained(
+            self.pipe = getattr(diffusers, self.pipeline).from_pretrained(
                 source, torch_dtype=self.dtype, local_files_only=Path(source).is_dir())
         except OSError as exc:
             raise CaseError(model, f"cannot load the pipeline: {exc}",
@@ -343,7 +352,7 @@ _MODELS: dict[tuple, LoadedModel] = {}  # at most one: a second base model is ne
 
 
 def load(model: str, device: str, dtype: str, cache_dir: Path | str | None = None,
-         precision: Precision | None = None, pipeline: str = "QwenImageEditPlusPipeline",
+         precision: Precision | None = None, pipeline: str | None = None,
          offload: str = "none") -> LoadedModel:
     """The loaded pipeline for (model, device, dtype, precision, class, offload), loaded on first use and kept
     until another is needed: the one before is freed first, so at the real size (~58 GB in bf16) a quantized
@@ -351,6 +360,7 @@ def load(model: str, device: str, dtype: str, cache_dir: Path | str | None = Non
     embeddings and quantized weights are kept on disk for later processes and runs."""
     from .cache import open_cache
 
+    pipeline = pipeline or default_pipeline()
     key = (model, device, dtype_name(dtype), precision.key if precision else None, pipeline, offload)
     cache = open_cache(cache_dir) if cache_dir is not None else None
     if key in _MODELS and _MODELS[key].weights_changed():

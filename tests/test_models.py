@@ -56,6 +56,16 @@ def test_edit_plus_control_images_as_each_side_routes_them():
     assert rules.training_control_images(flag) == (("c.png",), ("c.png",))
 
 
+def test_each_model_module_keys_the_server_requests_control_images_and_a_pipeline_defaults_to_2509s():
+    """The per-model rules live in parity/models/: the request's control-image keys (requests.py asks the model's
+    module), and the pipeline class loaded when none is named (pipeline.py asks models.identify's default)."""
+    for model in models.rendered().values():
+        keys = models.rules(model).request_control_images(("a.png", "b.png"))
+        assert keys == {"ctrl_img_1": "a.png", "ctrl_img_2": "b.png"}, model.id
+        assert models.rules(model).request_control_images(()) == {}
+    assert pipeline.default_pipeline() == EDIT_PLUS.pipeline == "QwenImageEditPlusPipeline"
+
+
 def test_2509_and_2511_differ_on_the_server_in_how_the_lora_goes_on():
     assert (EDIT_PLUS.reference_lora, EDIT_PLUS_2511.reference_lora) == (LORA_PEFT, LORA_FUSED)
     assert EDIT_PLUS.hub_id == "Qwen/Qwen-Image-Edit-2509" and EDIT_PLUS_2511.hub_id == "Qwen/Qwen-Image-Edit-2511"

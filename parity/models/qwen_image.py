@@ -48,3 +48,9 @@ def encode_prompt(pipe, prompt: str, tensors: list, device):
 def prepare_latents(pipe, encoded: list, channels: int, height: int, width: int, dtype, device, generator):
     """Noise only (no image latents)."""
     return pipe.prepare_latents(1, channels, height, width, dtype, device, generator, None), None
+
+
+def request_control_images(paths: tuple[str, ...]) -> dict[str, str]:
+    """The control images of a server request, by key, numbered as for the edit models; none reach it in practice:
+    ai-toolkit renders no control image for this arch (training_control_images), and the server ignores them."""
+    return {f"ctrl_img_{i}": path for i, path in enumerate(paths, start=1)}

@@ -66,3 +66,9 @@ def prepare_latents(pipe, encoded: list, channels: int, height: int, width: int,
     """Noise and the one control image's packed latents (already encoded: passed through)."""
     return pipe.prepare_latents(encoded[0] if encoded else None, 1, channels, height, width, dtype, device,
                                 generator, None)
+
+
+def request_control_images(paths: tuple[str, ...]) -> dict[str, str]:
+    """The control image of a server request, by key: ctrl_img_1 (ai-toolkit's VAE path has at most one; the
+    server's qwen_image_edit reads ctrl_img_1 first and refuses two or more)."""
+    return {f"ctrl_img_{i}": path for i, path in enumerate(paths, start=1)}

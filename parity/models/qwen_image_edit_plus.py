@@ -62,3 +62,9 @@ def encode_prompt(pipe, prompt: str, tensors: list, device):
 def prepare_latents(pipe, encoded: list, channels: int, height: int, width: int, dtype, device, generator):
     """Noise and the control images' packed latents; already-encoded latents pass through untouched."""
     return pipe.prepare_latents(encoded or None, 1, channels, height, width, dtype, device, generator, None)
+
+
+def request_control_images(paths: tuple[str, ...]) -> dict[str, str]:
+    """The control images of a server request, by key: ctrl_img_1..3 in ai-toolkit's VAE order (the server's
+    PromptItem.get_control_images reads ctrl_img_1..3 in order)."""
+    return {f"ctrl_img_{i}": path for i, path in enumerate(paths, start=1)}

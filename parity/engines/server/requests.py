@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from ...findings import find
-from ...models import by_name
+from ...models import by_name, rules
 from ...plan import Task
 from ...recipe import Recipe
 
@@ -79,8 +79,8 @@ def prepare(task: Task, images: str = "base64") -> tuple[dict, Recipe]:
     model = by_name(server.model)
     prompt = {"prompt": server.prompt, "neg": server.negative_prompt, "width": server.width, "height": server.height,
               "seed": server.seed, "sample_steps": server.steps, "guidance_scale": server.guidance}
-    for i, path in enumerate(server.control_images_vae, start=1):
-        prompt[f"ctrl_img_{i}"] = encode_image(path, images)
+    for key, path in rules(model).request_control_images(server.control_images_vae).items():  # ctrl_img_<n>
+        prompt[key] = encode_image(path, images)
     body = {"model": model.id, "prompts": [prompt],
             "loras": [{"path": str(Path(server.lora).resolve()), "network_multiplier": server.multiplier}]
             if server.lora else []}
