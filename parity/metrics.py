@@ -69,12 +69,17 @@ def resized(image: Image.Image, size: int | None) -> Image.Image:
 
 
 class PerceptualDistance:
-    """Base of the LPIPS-style metrics: lazy model, per-layer maps captured from the library's own forward."""
+    """Base of the LPIPS-style metrics: lazy model, per-layer maps captured from the library's own forward.
 
-    name: str = ""
+    A metric is named `<family>_<net>` (`lpips_alex`) and versioned by its id,
+    `<family>-<net>-<weights>/<resize>`; a subclass gives its family, its weights' tag, the network (`load`) and
+    the library module whose `upsample` turns a layer's map to the input size (`library`)."""
 
-    def __init__(self, size: int | None, device: str = "cpu"):
-        self.size = size
+    family: str = ""  # lpips, stlpips
+
+    def __init__(self, size: int | None, device: str = "cpu", net: str = "alex", weights_tag: str = ""):
+        self.size, self.net, self.weights_tag = size, net, weights_tag
+        self.name = f"{self.family}_{net}"
         self.device = device or "cpu"  # where the network runs (the render device: a GPU makes it ~free)
         self._model: torch.nn.Module | None = None
         self._reason: str | None = None
@@ -82,10 +87,17 @@ class PerceptualDistance:
 
     @property
     def id(self) -> str:
-        raise NotImplementedError
+        return f"{self.family}-{self.net}-{self.weights_tag}/pil-lanczos/long{self.size or 'full'}"
 
     def load(self) -> torch.nn.Module:
         raise NotImplementedError
+
+    @staticmethod
+    def library():
+        raise NotImplementedError
+
+    def upsample(self, t: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        return self.library().upsample(t, out_HW=hw)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -109,10 +121,6 @@ class PerceptualDistance:
     @property
     def reason(self) -> str | None:
         return None if self.available else self._reason
-
-    @staticmethod
-    def upsample(t: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        raise NotImplementedError
 
     def __call__(self, a: Image.Image, b: Image.Image) -> Distance:
         try:
@@ -154,23 +162,20 @@ def alexnet_checkpoint(weights: str | Path | None) -> Path:
 class LPIPS(PerceptualDistance):
     """LPIPS (Zhang et al. 2018) from the `lpips` package; `net='alex'`, `version='0.1'`."""
 
+    family = "lpips"
+
     def __init__(self, net: str = "alex", version: str = "0.1", size: int | None = 256,
                  weights: str | Path | None = None, device: str = "cpu"):
         if net != "alex":
             raise ValueError(f"LPIPS net {net!r}: only 'alex' is supported (its trunk is read from a file)")
-        super().__init__(size, device)
-        self.net, self.version, self.weights = net, version, weights
-        self.name = f"lpips_{net}"
-
-    @property
-    def id(self) -> str:
-        return f"lpips-{self.net}-v{self.version}/pil-lanczos/long{self.size or 'full'}"
+        super().__init__(size, device, net, f"v{version}")
+        self.version, self.weights = version, weights
 
     @staticmethod
-    def upsample(t, hw):
+    def library():
         import lpips
 
-        return lpips.upsample(t, out_HW=hw)
+        return lpips
 
     def load(self) -> torch.nn.Module:
         try:
@@ -227,23 +232,20 @@ def undeclared_imports(*modules: tuple[str, str]):
 class STLPIPS(PerceptualDistance):
     """Shift-tolerant LPIPS (`stlpips-pytorch`), AlexNet `shift_tolerant` variant, weights version ST0.0."""
 
+    family = "stlpips"
+
     def __init__(self, net: str = "alex", variant: str = "shift_tolerant", size: int | None = 256,
                  device: str = "cpu"):
         if (net, variant) != ("alex", "shift_tolerant"):
             raise ValueError("STLPIPS: only net='alex', variant='shift_tolerant' is supported")
-        super().__init__(size, device)
-        self.net, self.variant = net, variant
-        self.name = f"stlpips_{net}"
-
-    @property
-    def id(self) -> str:
-        return f"stlpips-{self.net}-{self.variant}-vST0.0/pil-lanczos/long{self.size or 'full'}"
+        super().__init__(size, device, net, f"{variant}-vST0.0")
+        self.variant = variant
 
     @staticmethod
-    def upsample(t, hw):
+    def library():
         from stlpips_pytorch import stlpips
 
-        return stlpips.upsample(t, out_HW=hw)
+        return stlpips
 
     def load(self) -> torch.nn.Module:
         if importlib.util.find_spec("stlpips_pytorch") is None:
