@@ -41,19 +41,29 @@ def render_cache() -> Path:
 SUITE = ROOT / "parity" / "test_parity.py"  # what `pytest parity/` collects
 
 
+def copy_tiny_case(root: Path, workspace: str, case: Path, keep: tuple[str, ...], ignore: tuple[str, ...] = ()
+                   ) -> Path:
+    """A copy of a tiny workspace (`aitk`, `aitk-a`) under `root` (without the `ignore` patterns) in which `case`
+    keeps only the previews whose names end with one of `keep`, and its parity.yaml names the tiny checkpoint by
+    its absolute path; returns the copied case folder."""
+    shutil.copytree(TINY_CASES / "workspace" / workspace, root / workspace,
+                    ignore=shutil.ignore_patterns(*ignore) if ignore else None)
+    folder = root / workspace / "output" / case.name
+    for p in (folder / "samples").iterdir():
+        if p.is_file() and not p.name.endswith(keep):
+            p.unlink()
+    settings = folder / "parity.yaml"
+    settings.write_text(settings.read_text().replace("../../../aitk/tiny-qwen-image-edit-2509",
+                                                     str(TINY_MODEL.resolve())))
+    return folder
+
+
 @pytest.fixture
 def small_root(tmp_path) -> Path:
     """parity_a with two of its previews (PNG, non-square control images), model and paths mapped."""
     root = tmp_path / "cases"
-    shutil.copytree(TINY_CASES / "workspace" / "aitk-a", root / "aitk-a")
-    case = root / "aitk-a" / "output" / PARITY_A.name
-    for p in (case / "samples").glob("*.png"):
-        if not p.name.endswith(("__000000003_0.png", "__000000006_1.png")):
-            p.unlink()
+    case = copy_tiny_case(root, "aitk-a", PARITY_A, ("__000000003_0.png", "__000000006_1.png"))
     shutil.rmtree(case / "samples" / ".thumbs")
-    settings = (case / "parity.yaml").read_text().replace(
-        "../../../aitk/tiny-qwen-image-edit-2509", str(TINY_MODEL.resolve()))
-    (case / "parity.yaml").write_text(settings)
     return root
 
 

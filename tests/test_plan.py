@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_CASES, TINY_MODEL, V1
+from conftest import TINY_CASES, TINY_MODEL, V1, copy_tiny_case
 from parity.findings import differing_fields
 from parity.identity import file_sha256 as sha256
 from parity.runner import Checker, Options, plan
@@ -24,20 +24,12 @@ def quantized_root(tmp_path, monkeypatch) -> Path:
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     root = tmp_path / "cases"
-    shutil.copytree(TINY_CASES / "workspace" / "aitk", root / "aitk",
-                    ignore=shutil.ignore_patterns("tiny-qwen-image-edit-2509", "*strong*"))
-    case = root / "aitk" / "output" / V1.name
-    for p in (case / "samples").glob("*.jpg"):
-        if not p.name.endswith("__000000002_0.jpg"):
-            p.unlink()
+    case = copy_tiny_case(root, "aitk", V1, ("__000000002_0.jpg",), ignore=("tiny-qwen-image-edit-2509", "*strong*"))
     config = case / "config.yaml"
     config.write_text(config.read_text().replace(
         "      quantize: false\n      quantize_te: false\n      low_vram: false\n",
         f"      quantize: true\n      qtype: uint3|{ARA}\n      quantize_te: true\n      qtype_te: qfloat8\n"
         f"      low_vram: true\n"))
-    settings = case / "parity.yaml"
-    settings.write_text(settings.read_text().replace("../../../aitk/tiny-qwen-image-edit-2509",
-                                                     str(TINY_MODEL.resolve())))
     return root
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import TINY_CASES, TINY_MODEL, V1
+from conftest import PARITY_A, TINY_CASES, V1, copy_tiny_case
 from parity.runner import Options, plan, run
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -74,17 +74,8 @@ def test_bad_inputs_fail_only_their_previews(broken_root, tmp_path, tiny_model, 
 def test_a_missing_input_is_not_blamed_on_inference(tmp_path, render_cache):
     """The config on disk is not the one the preview was made with (its seed was edited after training): the
     training recipe cannot reproduce the preview either, so the verdict says so instead of blaming inference."""
-    from conftest import PARITY_A
-
     root = tmp_path / "cases"
-    shutil.copytree(TINY_CASES / "workspace" / "aitk-a", root / "aitk-a")
-    case = root / "aitk-a" / "output" / PARITY_A.name
-    for p in (case / "samples").glob("*.png"):
-        if not p.name.endswith("__000000003_0.png"):
-            p.unlink()
-    settings = case / "parity.yaml"
-    settings.write_text(settings.read_text().replace(
-        "../../../aitk/tiny-qwen-image-edit-2509", str(TINY_MODEL.resolve())))
+    case = copy_tiny_case(root, "aitk-a", PARITY_A, ("__000000003_0.png",))
     config = case / "config.yaml"
     config.write_text(config.read_text().replace("      seed: 7\n", "      seed: 8\n"))
     [record] = run(Options(cases=(root,), report_dir=tmp_path / "rep", device="cpu", cache_dir=render_cache,
