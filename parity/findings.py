@@ -17,12 +17,13 @@ EFFECTS = {
     "scheduler": "different sigmas/shift: the whole trajectory changes",
     "sigma_schedule": "another sigma schedule: ai-toolkit and Diffusers shift dynamically from the image size (mu "
                       "from the latent tokens, shift_terminal 0.02), ComfyUI's ModelSamplingAuraFlow by a static "
-                      "shift (3.1 in the Qwen-Image templates) picked by the simple scheduler: the whole trajectory "
+                      "shift (3.1 in the Qwen-Image and 2511 templates, 3 in the 2509 and Edit ones) picked by the simple scheduler: the whole trajectory "
                       "changes (on the demo 2512 case, 4 steps: 1, .744, .426, .02 vs 1, .903, .756, .508)",
     "guidance": "different CFG strength: contrast, saturation and prompt adherence change",
     "cfg_norm": "the CFG result rescaled to the conditional prediction's norm on one side only (stock Diffusers "
-                "always, ai-toolkit only with do_cfg_norm except on Qwen-Image/2512, ComfyUI's text-to-image "
-                "templates never): lower contrast/saturation at guidance > 1",
+                "always, on the velocity per token; ai-toolkit only with do_cfg_norm except on Qwen-Image/2512; "
+                "ComfyUI's edit templates by their CFGNorm node, on x0 per latent pixel and only ever down; its "
+                "text-to-image templates never): lower contrast/saturation at guidance > 1",
     "cfg_form": "CFG combined on another prediction: on the velocity (Diffusers, ai-toolkit) or on the denoised "
                 "x0 with an fp32 Euler state (ComfyUI's KSampler); equal in exact arithmetic, so only rounding "
                 "differs in fp32 (a level here and there), more in bf16 where Diffusers keeps the latents in bf16",
@@ -34,7 +35,20 @@ EFFECTS = {
     "prompt": "different text conditioning (trigger word or [name] replacement)",
     "control_images": "different conditioning images, or the same image given twice in the prompt (which key "
                       "each side reads: ctrl_img first in ai-toolkit, ctrl_img_1 first on the server)",
-    "control_prompt_resize": "the prompt encoder sees the control image at another size/orientation",
+    "control_prompt_resize": "the prompt encoder sees the control image at another size/orientation, or "
+                             "otherwise prepared (ai-toolkit and Diffusers hand the processor 0-1 tensors that it "
+                             "rescales by 1/255 again, a near-black image; ComfyUI area-resizes to 384x384 in area "
+                             "and normalises once, the image itself): different edit conditioning",
+    "control_crop": "a scaling node before the edit encode on one side only (ComfyUI's templates: "
+                    "FluxKontextImageScale crops image 1 to the nearest of 17 preset aspects, or "
+                    "ImageScaleToTotalPixels): a wide or tall control image loses its edges",
+    "vision_tokens": "the control image's vision tokens reach the language model in another order or at other "
+                     "positions (ComfyUI: the vision transformer's window order, 3-D rotary positions; Diffusers on "
+                     "transformers 5: raster order, plain 1-D positions): different edit conditioning",
+    "reference_method": "the reference latents at other rotary positions (ComfyUI's `index` centres odd-sided "
+                        "grids one row/column further and starts the text after the target alone; Diffusers after "
+                        "the largest grid): visible only where a reference grid has an odd side or exceeds the "
+                        "target",
     "control_vae_resize": "the conditioning latents come from a differently resized control image (Qwen-Image-Edit:"
                           " bilinear to the request in ai-toolkit, Lanczos on the server; on the demo model 0.09-0.19"
                           " levels mean, up to ~130 at edges)",

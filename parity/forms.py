@@ -18,3 +18,14 @@ CFG_V = "v"  # CFG on the velocity (Diffusers); `cfg_norm` says whether it is re
 CFG_X0 = "x0 (ComfyUI)"  # CFG on the denoised prediction x - sigma*v, k-diffusion Euler on an fp32 state
 NOISE_DIFFUSERS = "diffusers prepare_latents, torch.Generator(generator_device), in the compute dtype"
 PIXELS_ROUND = "round"  # Diffusers' postprocess: (x/2+0.5).clamp(0,1)*255, rounded
+
+# How a control image is scaled before the edit-encode node (ComfyUI's templates; the Diffusers sides: none).
+CROP_NONE = "none"
+CROP_KONTEXT = "FluxKontextImageScale on image 1 (nearest of 17 preset sizes, centre crop, lanczos)"
+CROP_TOTAL_PIXELS = "ImageScaleToTotalPixels on the image (lanczos, 1 MP)"
+# How the prompt encoder takes the vision tokens (edit models).
+VISION_DIFFUSERS = "raster order, 1-D positions (Diffusers' encode_prompt on transformers 5)"
+VISION_COMFY = "window order, 3-D positions (ComfyUI Qwen25_7BVLI)"
+# Where the reference latents sit in the transformer's rotary positions.
+REFERENCES_DIFFUSERS = "frame index; odd sides from -(n+1)/2; text after the largest grid (Diffusers QwenEmbedRope)"
+REFERENCES_COMFY = "index: frame index; sides centred at n//2; text after the target (ComfyUI)"

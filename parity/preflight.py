@@ -222,13 +222,23 @@ def prompt_length_problems(config: Path, where: str, model_folder: str | None, r
 def text_positions(model_folder: str, recipe, text: str) -> tuple[int, int]:
     """(text positions `text` takes, positions the rotary embedding has left for text) on the side `recipe`
     renders, laid out as the renderer does: the target and each VAE control image take the first positions."""
+    from .engines.comfyui.conditioning import scaled_size
+    from .forms import REFERENCES_COMFY
+
     pipe, rope = _prompt_encoder(model_folder, models.by_name(recipe.model).pipeline)
-    sizes = tuple(prompt_size(*image_size(p), recipe.control_prompt_resize) for p in recipe.control_images_prompt)
+    first = (recipe.control_images_vae or recipe.control_images_prompt or (None,))[0]
+
+    def size(path):  # after the recipe's scaling node on the first image, if any
+        return scaled_size(*image_size(path), recipe.control_crop) if path == first else image_size(path)
+
+    sizes = tuple(prompt_size(*size(p), recipe.control_prompt_resize) for p in recipe.control_images_prompt)
     to_request = recipe.control_vae_resize in (VAE_RESIZE_REQUEST_BILINEAR, VAE_RESIZE_REQUEST_LANCZOS)
-    vae = [vae_size(*((recipe.width, recipe.height) if to_request else image_size(p)))
+    vae = [vae_size(*((recipe.width, recipe.height) if to_request else size(p)), recipe.control_vae_resize)
            for p in recipe.control_images_vae]
     multiple = pipe.vae_scale_factor * 2
     shapes = [(recipe.width // multiple, recipe.height // multiple), *((w // multiple, h // multiple) for w, h in vae)]
+    if recipe.reference_method == REFERENCES_COMFY:
+        shapes = shapes[:1]  # ComfyUI's text positions start after the target latent alone
     taken = max(max(w // 2, h // 2) if rope.scale_rope else max(w, h) for w, h in shapes)
     return _text_length(model_folder, recipe.model, text, sizes), rope.pos_freqs.shape[0] - taken
 

@@ -19,16 +19,38 @@ PROMPT_RESIZE_1024_TRANSPOSED = "torch-bilinear-noaa/area1024/r32/transposed"  #
 # server: Lanczos, always), then the stock pipeline's Lanczos to ~1 megapixel at that aspect.
 VAE_RESIZE_REQUEST_BILINEAR = "pil-bilinear-to-request/" + VAE_RESIZE
 VAE_RESIZE_REQUEST_LANCZOS = "pil-lanczos-to-request/" + VAE_RESIZE
-VAE_RULES = (VAE_RESIZE, VAE_RESIZE_REQUEST_BILINEAR, VAE_RESIZE_REQUEST_LANCZOS)
 TRANSPOSED = {PROMPT_RESIZE_TRANSPOSED: PROMPT_RESIZE, PROMPT_RESIZE_1024_TRANSPOSED: PROMPT_RESIZE_1024}
+
+# ComfyUI's edit-encode nodes (nodes_qwen.py), with the vision image normalised once (process_qwen2vl_images):
+# the area a rule resizes to, and the multiple each side is rounded to.
+PROMPT_RESIZE_COMFY = "torch-area/area384/r1, bilinear/r28, CLIP-normalised once (ComfyUI EditPlus)"
+PROMPT_RESIZE_COMFY_1024 = "torch-area/area1024/r1, bilinear/r28, CLIP-normalised once (ComfyUI Edit)"
+VAE_RESIZE_COMFY = "torch-area/area1024/r8 (ComfyUI EditPlus)"
+VAE_RESIZE_COMFY_1024 = "torch-area/area1024/r1, cropped to 8 (ComfyUI Edit)"
+COMFY_AREAS = {PROMPT_RESIZE_COMFY: (384 * 384, 1), PROMPT_RESIZE_COMFY_1024: (1024 * 1024, 1),
+               VAE_RESIZE_COMFY: (1024 * 1024, 8), VAE_RESIZE_COMFY_1024: (1024 * 1024, 1)}
+VAE_RULES = (VAE_RESIZE, VAE_RESIZE_REQUEST_BILINEAR, VAE_RESIZE_REQUEST_LANCZOS, VAE_RESIZE_COMFY,
+             VAE_RESIZE_COMFY_1024)
 
 
 class UnknownRule(ValueError):
     pass
 
 
+def comfy_area_size(width: int, height: int, rule: str) -> tuple[int, int]:
+    """The size a ComfyUI encode-node rule area-resizes an image to: its area, aspect kept, sides rounded."""
+    total, multiple = COMFY_AREAS[rule]
+    scale = math.sqrt(total / (width * height))
+    if multiple == 1:
+        return round(width * scale), round(height * scale)
+    return round(width * scale / multiple) * multiple, round(height * scale / multiple) * multiple
+
+
 def prompt_size(width: int, height: int, rule: str) -> tuple[int, int]:
     """(width, height) the prompt encoder sees a control image at, for a named resize rule."""
+    if rule in (PROMPT_RESIZE_COMFY, PROMPT_RESIZE_COMFY_1024):
+        w, h = comfy_area_size(width, height, rule)
+        return round(w / 28) * 28, round(h / 28) * 28  # process_qwen2vl_images
     ratio = height / width
     area = VAE_AREA if rule in (PROMPT_RESIZE_1024, PROMPT_RESIZE_1024_TRANSPOSED) else CONDITION_AREA
     if rule in (PROMPT_RESIZE, PROMPT_RESIZE_1024):
@@ -45,8 +67,12 @@ def prompt_size(width: int, height: int, rule: str) -> tuple[int, int]:
     return round(w / 32) * 32, round(h / 32) * 32
 
 
-def vae_size(width: int, height: int) -> tuple[int, int]:
-    """Diffusers calculate_dimensions(1024*1024, W/H), rounded to 32."""
+def vae_size(width: int, height: int, rule: str = VAE_RESIZE) -> tuple[int, int]:
+    """Diffusers calculate_dimensions(1024*1024, W/H), rounded to 32; a ComfyUI rule's area size, cropped to
+    multiples of 8 as its VAE.encode does."""
+    if rule in (VAE_RESIZE_COMFY, VAE_RESIZE_COMFY_1024):
+        w, h = comfy_area_size(width, height, rule)
+        return w // 8 * 8, h // 8 * 8
     ratio = width / height
     w = math.sqrt(VAE_AREA * ratio)
     h = w / ratio
@@ -81,3 +107,4 @@ def to_request(image: Image.Image, rule: str, width: int, height: int) -> Image.
     if rule == VAE_RESIZE_REQUEST_LANCZOS:
         return image.resize((width, height), Image.LANCZOS)
     return image
+

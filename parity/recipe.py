@@ -15,7 +15,8 @@ import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .forms import CFG_V, NOISE_DIFFUSERS, PIXELS_ROUND, SIGMAS_DIFFUSERS
+from .forms import (CFG_V, CROP_NONE, NOISE_DIFFUSERS, PIXELS_ROUND, REFERENCES_DIFFUSERS, SIGMAS_DIFFUSERS,
+                    VISION_DIFFUSERS)
 
 # The FlowMatchEulerDiscreteScheduler settings sampling reads (the `scheduler` field keeps these, sorted).
 SCHEDULER_KEYS = ("base_image_seq_len", "base_shift", "invert_sigmas", "max_image_seq_len", "max_shift",
@@ -25,7 +26,8 @@ SCHEDULER_KEYS = ("base_image_seq_len", "base_shift", "invert_sigmas", "max_imag
 
 # the defaults of the fields above, left out of Recipe.key() at these values (old caches stay valid)
 KEY_DEFAULTS = {"sigma_schedule": SIGMAS_DIFFUSERS, "cfg_form": CFG_V, "noise": NOISE_DIFFUSERS,
-                "pixels": PIXELS_ROUND}
+                "pixels": PIXELS_ROUND, "control_crop": CROP_NONE, "vision_tokens": VISION_DIFFUSERS,
+                "reference_method": REFERENCES_DIFFUSERS}
 
 
 
@@ -62,6 +64,9 @@ class Recipe:
     cfg_form: str = CFG_V  # CFG_V | CFG_X0
     noise: str = NOISE_DIFFUSERS  # or engines/comfyui.NOISE
     pixels: str = PIXELS_ROUND  # how the decoded image becomes 8-bit (engines/comfyui.PIXELS: truncated)
+    control_crop: str = CROP_NONE  # a scaling node before the edit encode (forms.CROP_*)
+    vision_tokens: str = VISION_DIFFUSERS  # the order and positions of the vision tokens in the prompt encoder
+    reference_method: str = REFERENCES_DIFFUSERS  # the reference latents' rotary positions
 
     def key(self) -> str:
         """A stable hash of the fields that change pixels (for render caches); files count by content."""
@@ -97,7 +102,8 @@ def file_digest(path: str) -> str:
 # Public field names (issue #3): two recipe attributes form `control_images`.
 FIELD_NAMES = (
     "model", "width", "height", "steps", "scheduler", "sigma_schedule", "guidance", "cfg_norm", "cfg_form",
-    "negative_prompt", "seed", "noise", "prompt", "control_images", "control_prompt_resize", "control_vae_resize",
+    "negative_prompt", "seed", "noise", "prompt", "control_images", "control_crop", "control_prompt_resize",
+    "control_vae_resize", "vision_tokens", "reference_method",
     "lora", "multiplier", "lora_application", "precision", "text_encoder_rope", "vae_tiling", "device", "dtype",
     "pixels", "output_format",
 )

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,9 +25,12 @@ from .cache import digest
 from .errors import CaseError, NotRenderable
 from .kernels import cpu_bf16_convolutions
 from .pipeline import DTYPES, LoadedModel
-from .preprocess import VAE_RESIZE, VAE_RULES, UnknownRule, prompt_size, to_request, vae_size
+from .preprocess import COMFY_AREAS, VAE_RESIZE, VAE_RULES, UnknownRule, prompt_size, to_request, vae_size
 from .engines import comfyui
-from .forms import CFG_V, CFG_X0, NOISE_DIFFUSERS, PIXELS_ROUND, SIGMAS_DIFFUSERS
+from .engines.comfyui import conditioning
+from .engines.comfyui.sampling import sample_x0
+from .forms import (CFG_V, CFG_X0, CROP_KONTEXT, CROP_NONE, CROP_TOTAL_PIXELS, NOISE_DIFFUSERS, PIXELS_ROUND,
+                    REFERENCES_COMFY, REFERENCES_DIFFUSERS, SIGMAS_DIFFUSERS, VISION_COMFY, VISION_DIFFUSERS)
 from .recipe import Recipe
 
 
@@ -61,15 +63,21 @@ def encode_prompt(loaded: LoadedModel, prompt: str, images: list[Image.Image], r
     `context`: what else decides the bits, such as the attention kernels) on this model, and kept in memory and in
     the disk cache: the previews of every step of a run, and both recipes of a preview, share them.
     """
-    device = loaded.device
-    tensors = []
-    for img in images:
-        t = TF.to_tensor(img).unsqueeze(0).to(device, dtype=dtype)
-        try:
-            w, h = prompt_size(t.shape[3], t.shape[2], rule)
-        except UnknownRule as exc:
-            raise NotRenderable(str(exc)) from None
-        tensors.append(F.interpolate(t, size=(h, w), mode="bilinear"))
+    tensors = [_prompt_tensor(img, rule, loaded, dtype) for img in images]
+
+    def compute():
+        embeds, mask = models.pipeline_rules(loaded.pipeline).encode_prompt(loaded.pipe, prompt, tensors,
+                                                                             loaded.device)
+        if mask is None:  # both sides replace Diffusers' None (all valid) with an all-ones mask
+            mask = torch.ones(embeds.shape[:2], dtype=torch.int64, device=embeds.device)
+        return embeds, mask
+
+    return cached_prompt(loaded, prompt, tensors, context, compute)
+
+
+def cached_prompt(loaded: LoadedModel, prompt: str, tensors: list, context: tuple, compute):
+    """`compute()`'s (embeds, mask) for this prompt, these exact image tensors and `context` on this model, kept
+    in memory and in the disk cache (the text encoder's buffer dtypes and its quantization count too)."""
     rope = sorted({str(b.dtype) for b in loaded.pipe.text_encoder.buffers() if b.is_floating_point()})
     name = "prompt-" + digest(prompt, [tensor_digest(t) for t in tensors], list(context), rope, loaded.pipeline,
                               loaded.identity(), loaded.precision.key if loaded.precision else None)
@@ -78,11 +86,9 @@ def encode_prompt(loaded: LoadedModel, prompt: str, images: list[Image.Image], r
     stored = [loaded.disk_cache.get_tensor(f"{name}-{part}") for part in ("embeds", "mask")] \
         if loaded.disk_cache is not None else [None, None]
     if all(t is not None for t in stored):
-        embeds, mask = stored[0].to(device), stored[1].to(device)
+        embeds, mask = stored[0].to(loaded.device), stored[1].to(loaded.device)
     else:
-        embeds, mask = models.pipeline_rules(loaded.pipeline).encode_prompt(loaded.pipe, prompt, tensors, device)
-        if mask is None:  # both sides replace Diffusers' None (all valid) with an all-ones mask
-            mask = torch.ones(embeds.shape[:2], dtype=torch.int64, device=embeds.device)
+        embeds, mask = compute()
         if loaded.disk_cache is not None:
             loaded.disk_cache.put_tensor(f"{name}-embeds", embeds)
             loaded.disk_cache.put_tensor(f"{name}-mask", mask)
@@ -195,98 +201,199 @@ def render(loaded: LoadedModel, recipe: Recipe, capture: RenderCapture | None = 
 
 @torch.no_grad()
 def _render(loaded: LoadedModel, recipe: Recipe, capture: RenderCapture | None, kernels: str) -> Image.Image:
-    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift, retrieve_timesteps
-
     check_renderable(loaded, recipe)
     pipe = loaded.pipe
-    device = loaded.device
-    dtype = loaded.dtype
-    prompt_images = [open_control(p) for p in recipe.control_images_prompt]
-    vae_pil = [to_request(open_control(p), recipe.control_vae_resize, recipe.width, recipe.height)
-               for p in recipe.control_images_vae]
-
-    with loaded.lora(recipe.lora, recipe.multiplier, recipe.lora_application), vae_tiling(pipe.vae, recipe.vae_tiling):
+    sources = control_sources(recipe)
+    with loaded.lora(recipe.lora, recipe.multiplier, recipe.lora_application), \
+            vae_tiling(pipe.vae, recipe.vae_tiling), reference_positions(pipe.transformer, recipe.reference_method):
         with text_encoder_buffers(pipe.text_encoder, recipe.text_encoder_rope):
-            embeds, mask = encode_prompt(loaded, recipe.prompt, prompt_images, recipe.control_prompt_resize, dtype,
-                                         (kernels,))
-            neg_embeds, neg_mask = encode_prompt(loaded, recipe.negative_prompt, prompt_images,
-                                                 recipe.control_prompt_resize, dtype, (kernels,))
+            embeds, mask = prompt_embeds(loaded, recipe, recipe.prompt, sources, kernels)
+            neg_embeds, neg_mask = prompt_embeds(loaded, recipe, recipe.negative_prompt, sources, kernels)
         if capture is not None:
             capture.prompt_embeds, capture.negative_prompt_embeds = embeds, neg_embeds
-        # The pipeline drops an all-valid mask (encode_prompt: mask.all() -> None); do the same.
-        mask = None if mask.all() else mask
-        neg_mask = None if neg_mask.all() else neg_mask
-        do_cfg = recipe.guidance > 1
-
         multiple = pipe.vae_scale_factor * 2
-        width = recipe.width // multiple * multiple
-        height = recipe.height // multiple * multiple
-        vae_sizes = [vae_size(*img.size) for img in vae_pil]
+        width, height = recipe.width // multiple * multiple, recipe.height // multiple * multiple
         generator = torch.Generator(recipe.generator_device).manual_seed(recipe.seed)
-        encoded = [control_latents(loaded, path, img, size, recipe.vae_tiling, generator, kernels,
-                                   recipe.control_vae_resize)
-                   for path, img, size in zip(recipe.control_images_vae, vae_pil, vae_sizes)]
+        encoded, vae_sizes = reference_latents(loaded, recipe, sources, generator, kernels)
         channels = pipe.transformer.config.in_channels // 4
         latents, image_latents = models.pipeline_rules(loaded.pipeline).prepare_latents(
-            pipe, encoded, channels, height, width, embeds.dtype, device, generator)
+            pipe, encoded, channels, height, width, embeds.dtype, device=loaded.device, generator=generator)
         if recipe.noise != NOISE_DIFFUSERS:
             # an engine's noise is drawn in fp32; ComfyUI's loop keeps it so (the x0 form), Diffusers' casts it
             latents = engine_noise(pipe, recipe, channels, height, width).to(
-                device=device, dtype=torch.float32 if recipe.cfg_form == CFG_X0 else latents.dtype)
-        img_shapes = [[(1, height // pipe.vae_scale_factor // 2, width // pipe.vae_scale_factor // 2),
-                       *[(1, h // pipe.vae_scale_factor // 2, w // pipe.vae_scale_factor // 2) for w, h in vae_sizes]]]
+                device=loaded.device, dtype=torch.float32 if recipe.cfg_form == CFG_X0 else latents.dtype)
+        scale = pipe.vae_scale_factor * 2
+        img_shapes = [[(1, height // scale, width // scale), *[(1, h // scale, w // scale) for w, h in vae_sizes]]]
+        # The pipeline drops an all-valid mask (encode_prompt: mask.all() -> None); do the same.
+        predict = predictor(pipe, (embeds, None if mask.all() else mask), (neg_embeds, None if neg_mask.all()
+                                                                           else neg_mask), img_shapes, latents.size(1))
+        latents = sample(loaded, recipe, latents, image_latents, predict, capture, channels)
+        return _decode(pipe, recipe, latents, height, width, engine_form=recipe.cfg_form == CFG_X0)
 
-        def predict(model_input, timestep, cond: bool):
-            """The transformer's velocity for the image tokens, conditional or not."""
-            with pipe.transformer.cache_context("cond" if cond else "uncond"):
-                out = pipe.transformer(hidden_states=model_input, timestep=timestep, guidance=None,
-                                       encoder_hidden_states_mask=mask if cond else neg_mask,
-                                       encoder_hidden_states=embeds if cond else neg_embeds, img_shapes=img_shapes,
-                                       attention_kwargs={}, return_dict=False)[0]
-            return out[:, : latents.size(1)]
 
-        if recipe.cfg_form not in (CFG_V, CFG_X0):
-            raise NotRenderable(f"unknown CFG form {recipe.cfg_form!r}")
-        scheduler, timesteps, sigmas = None, None, None
-        if recipe.sigma_schedule == SIGMAS_DIFFUSERS:
-            scheduler = make_scheduler(loaded, recipe.scheduler)
-            mu = calculate_shift(latents.shape[1], scheduler.config.get("base_image_seq_len", 256),
-                                 scheduler.config.get("max_image_seq_len", 4096),
-                                 scheduler.config.get("base_shift", 0.5), scheduler.config.get("max_shift", 1.15))
-            timesteps, _ = retrieve_timesteps(scheduler, recipe.steps, device,
-                                              sigmas=np.linspace(1.0, 1 / recipe.steps, recipe.steps), mu=mu)
-            scheduler.set_begin_index(0)
-        else:  # an engine's sigmas (N+1, ending at 0)
-            sigmas = comfyui.sigmas(recipe.sigma_schedule, recipe.steps).to(device)
+def control_sources(recipe: Recipe) -> dict:
+    """The control images as the recipe's side loads them: PIL images for the Diffusers rules, LoadImage tensors
+    [1, H, W, 3] for ComfyUI's; the recipe's scaling node (`control_crop`) applied to the first image."""
+    crop = recipe.control_crop
+    if crop not in (CROP_NONE, CROP_KONTEXT, CROP_TOTAL_PIXELS):
+        raise NotRenderable(f"unknown control crop {recipe.control_crop!r}")
+    out = {}
+    for path in dict.fromkeys(recipe.control_images_prompt + recipe.control_images_vae):
+        if crop == CROP_NONE:
+            out[path] = open_control(path)
+            continue
+        open_control(path)  # a clear CaseError for an unreadable file
+        out[path] = conditioning.load_image(path)
+    first = (recipe.control_images_vae or recipe.control_images_prompt or (None,))[0]
+    if first is not None and crop != CROP_NONE:
+        scale = conditioning.kontext_scale if crop == CROP_KONTEXT else conditioning.total_pixels_scale
+        out[first] = scale(out[first])
+    return out
 
-        if recipe.cfg_form == CFG_X0:
-            if sigmas is None:
-                sigmas = scheduler.sigmas.to(device=device, dtype=torch.float32)
-            latents = _sample_x0(recipe, latents, image_latents, predict, capture, sigmas, embeds.dtype)
-            return _decode(pipe, recipe, latents, height, width, engine_form=True)
 
-        if timesteps is None:  # the Diffusers scheduler's timesteps for an engine's sigmas
-            timesteps = sigmas[:-1] * 1000
+def as_pil(source) -> Image.Image:
+    """A control source as the Diffusers rules take it (a LoadImage tensor holds k/255: it converts exactly)."""
+    if isinstance(source, Image.Image):
+        return source
+    return Image.fromarray(np.round(source[0].numpy() * 255.0).clip(0, 255).astype(np.uint8))
+
+
+def as_tensor(source) -> torch.Tensor:
+    """A control source as ComfyUI's nodes take it: [1, H, W, 3] floats k/255."""
+    if isinstance(source, Image.Image):
+        return torch.from_numpy(np.array(source).astype(np.float32) / 255.0)[None]
+    return source
+
+
+def prompt_embeds(loaded: LoadedModel, recipe: Recipe, prompt: str, sources: dict, kernels: str):
+    """The prompt's embeddings and mask as the recipe's side computes them: Diffusers' encode_prompt, or ComfyUI's
+    encode (its vision image, token order and positions) when the recipe names any of those."""
+    images = [sources[p] for p in recipe.control_images_prompt]
+    rule = recipe.control_prompt_resize
+    comfy_pixels = rule in COMFY_AREAS
+    if recipe.vision_tokens not in (VISION_DIFFUSERS, VISION_COMFY):
+        raise NotRenderable(f"unknown vision tokens {recipe.vision_tokens!r}")
+    if not comfy_pixels and recipe.vision_tokens == VISION_DIFFUSERS:
+        return encode_prompt(loaded, prompt, [as_pil(i) for i in images], rule, loaded.dtype, (kernels,))
+    if comfy_pixels:
+        pixels = [conditioning.vision_pixels(conditioning.area_resize(as_tensor(i), rule)) for i in images]
+    else:
+        pixels = [_prompt_tensor(as_pil(i), rule, loaded) for i in images]
+    comfy_tokens = recipe.vision_tokens == VISION_COMFY
+
+    def compute():
+        text, drop = models.pipeline_rules(loaded.pipeline).prompt_text(loaded.pipe, prompt, len(pixels))
+        return conditioning.encode(loaded.pipe, text, drop, [p.to(loaded.device, loaded.dtype) for p in pixels],
+                                   loaded.device, prepared=comfy_pixels, comfy_tokens=comfy_tokens)
+
+    return cached_prompt(loaded, prompt, pixels, (kernels, rule, recipe.vision_tokens), compute)
+
+
+def _prompt_tensor(image: Image.Image, rule: str, loaded: LoadedModel, dtype=None) -> torch.Tensor:
+    """A Diffusers rule's prompt-encoder tensor (0-1, bilinear without antialiasing to the rule's size)."""
+    t = TF.to_tensor(image).unsqueeze(0).to(loaded.device, dtype=dtype or loaded.dtype)
+    try:
+        w, h = prompt_size(t.shape[3], t.shape[2], rule)
+    except UnknownRule as exc:
+        raise NotRenderable(str(exc)) from None
+    return F.interpolate(t, size=(h, w), mode="bilinear")
+
+
+def reference_latents(loaded: LoadedModel, recipe: Recipe, sources: dict, generator, kernels: str):
+    """The control images' VAE latents and their (width, height) in pixels, as the recipe's rule makes them."""
+    rule = recipe.control_vae_resize
+    encoded, sizes = [], []
+    for path in recipe.control_images_vae:
+        if rule in COMFY_AREAS:
+            pixels = conditioning.vae_pixels(as_tensor(sources[path]), rule).to(loaded.device, loaded.dtype)
+            latents = conditioning.pad_to_patches(encode_vae(loaded, pixels, generator, recipe.vae_tiling, kernels))
+            sizes.append((latents.shape[-1] * loaded.pipe.vae_scale_factor,
+                          latents.shape[-2] * loaded.pipe.vae_scale_factor))
+            encoded.append(latents)
+            continue
+        image = to_request(as_pil(sources[path]), rule, recipe.width, recipe.height)
+        size = vae_size(*image.size)
+        sizes.append(size)
+        encoded.append(control_latents(loaded, path, image, size, recipe.vae_tiling, generator, kernels, rule))
+    return encoded, sizes
+
+
+@contextlib.contextmanager
+def reference_positions(transformer, method: str):
+    if method == REFERENCES_DIFFUSERS:
+        yield
+    elif method == REFERENCES_COMFY:
+        with conditioning.comfy_positions(transformer):
+            yield
+    else:
+        raise NotRenderable(f"unknown reference method {method!r}")
+
+
+def predictor(pipe, cond: tuple, uncond: tuple, img_shapes: list, tokens: int):
+    """The transformer's velocity for the image tokens, conditional or not: predict(input, timestep, cond)."""
+    def predict(model_input, timestep, conditional: bool):
+        embeds, mask = cond if conditional else uncond
+        with pipe.transformer.cache_context("cond" if conditional else "uncond"):
+            out = pipe.transformer(hidden_states=model_input, timestep=timestep, guidance=None,
+                                   encoder_hidden_states_mask=mask, encoder_hidden_states=embeds,
+                                   img_shapes=img_shapes, attention_kwargs={}, return_dict=False)[0]
+        return out[:, :tokens]
+
+    return predict
+
+
+def sample(loaded: LoadedModel, recipe: Recipe, latents, image_latents, predict, capture, channels: int):
+    """The denoising loop the recipe names: Diffusers' (CFG on the velocity) or ComfyUI's (on x0)."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift, retrieve_timesteps
+
+    if recipe.cfg_form not in (CFG_V, CFG_X0):
+        raise NotRenderable(f"unknown CFG form {recipe.cfg_form!r}")
+    device = loaded.device
+    scheduler, timesteps, sigmas = None, None, None
+    if recipe.sigma_schedule == SIGMAS_DIFFUSERS:
+        scheduler = make_scheduler(loaded, recipe.scheduler)
+        mu = calculate_shift(latents.shape[1], scheduler.config.get("base_image_seq_len", 256),
+                             scheduler.config.get("max_image_seq_len", 4096),
+                             scheduler.config.get("base_shift", 0.5), scheduler.config.get("max_shift", 1.15))
+        timesteps, _ = retrieve_timesteps(scheduler, recipe.steps, device,
+                                          sigmas=np.linspace(1.0, 1 / recipe.steps, recipe.steps), mu=mu)
+        scheduler.set_begin_index(0)
+    else:  # an engine's sigmas (N+1, ending at 0)
+        sigmas = comfyui.sigmas(recipe.sigma_schedule, recipe.steps).to(device)
+    if recipe.cfg_form == CFG_X0:
+        if sigmas is None:
+            sigmas = scheduler.sigmas.to(device=device, dtype=torch.float32)
         if capture is not None:
-            capture.timesteps = [float(t) for t in timesteps]
-        for i, t in enumerate(timesteps):
-            model_input = latents if image_latents is None else torch.cat([latents, image_latents], dim=1)
-            timestep = t.expand(latents.shape[0]).to(latents.dtype)
-            noise_pred = predict(model_input, timestep / 1000, True)
-            if do_cfg:
-                neg_pred = predict(model_input, timestep / 1000, False)
-                combined = neg_pred + recipe.guidance * (noise_pred - neg_pred)
-                if recipe.cfg_norm:
-                    cond_norm = torch.norm(noise_pred, dim=-1, keepdim=True)
-                    noise_norm = torch.norm(combined, dim=-1, keepdim=True)
-                    noise_pred = combined * (cond_norm / noise_norm)
-                else:
-                    noise_pred = combined
-            if scheduler is not None:
-                latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-            else:  # FlowMatchEulerDiscreteScheduler.step's update on the given sigmas (0-dim fp32 dt)
-                latents = (latents.float() + (sigmas[i + 1] - sigmas[i]) * noise_pred).to(noise_pred.dtype)
-        return _decode(pipe, recipe, latents, height, width, engine_form=False)
+            capture.timesteps = [float(s) * 1000 for s in sigmas[:-1]]
+        return sample_x0(latents, image_latents, predict, sigmas, recipe.steps, recipe.guidance, recipe.cfg_norm,
+                         channels, loaded.pipe.transformer.dtype)
+    if timesteps is None:  # the Diffusers scheduler's timesteps for an engine's sigmas
+        timesteps = sigmas[:-1] * 1000
+    if capture is not None:
+        capture.timesteps = [float(t) for t in timesteps]
+    return _sample_v(recipe, latents, image_latents, predict, scheduler, timesteps, sigmas)
+
+
+def _sample_v(recipe: Recipe, latents, image_latents, predict, scheduler, timesteps, sigmas):
+    """The Diffusers pipeline's loop: CFG on the velocity, `cfg_norm` rescaling it to the conditional norm."""
+    for i, t in enumerate(timesteps):
+        model_input = latents if image_latents is None else torch.cat([latents, image_latents], dim=1)
+        timestep = t.expand(latents.shape[0]).to(latents.dtype)
+        noise_pred = predict(model_input, timestep / 1000, True)
+        if recipe.guidance > 1:
+            neg_pred = predict(model_input, timestep / 1000, False)
+            combined = neg_pred + recipe.guidance * (noise_pred - neg_pred)
+            if recipe.cfg_norm:
+                cond_norm = torch.norm(noise_pred, dim=-1, keepdim=True)
+                noise_norm = torch.norm(combined, dim=-1, keepdim=True)
+                noise_pred = combined * (cond_norm / noise_norm)
+            else:
+                noise_pred = combined
+        if scheduler is not None:
+            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        else:  # FlowMatchEulerDiscreteScheduler.step's update on the given sigmas (0-dim fp32 dt)
+            latents = (latents.float() + (sigmas[i + 1] - sigmas[i]) * noise_pred).to(noise_pred.dtype)
+    return latents
 
 
 def engine_noise(pipe, recipe: Recipe, channels: int, height: int, width: int) -> torch.Tensor:
@@ -295,38 +402,6 @@ def engine_noise(pipe, recipe: Recipe, channels: int, height: int, width: int) -
         raise NotRenderable(f"unknown noise {recipe.noise!r}")
     noise = comfyui.initial_noise(recipe.seed, channels, height, width)  # [1, C, 1, H/8, W/8], fp32
     return pipe._pack_latents(noise, 1, channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-
-
-def _sample_x0(recipe: Recipe, latents, image_latents, predict, capture, sigmas, model_dtype) -> torch.Tensor:
-    """ComfyUI's KSampler (euler) with CFG on the denoised prediction: an fp32 state x, the model's velocity v at
-    sigma (its timestep), denoised = x - v*sigma, CFG uncond + (cond - uncond)*cfg (skipped at cfg 1), then
-    x + (x - denoised)/sigma * (next sigma - sigma). `cfg_norm` (a counterfactual here) rescales the combined
-    velocity to the conditional one's norm, as Diffusers does."""
-    if capture is not None:
-        capture.timesteps = [float(s) * 1000 for s in sigmas[:-1]]
-    do_cfg = not math.isclose(recipe.guidance, 1.0)
-    x = latents.float()
-    for i in range(recipe.steps):
-        sigma = sigmas[i]
-        model_input = x.to(model_dtype)  # ComfyUI casts the model's input to the model's dtype
-        if image_latents is not None:
-            model_input = torch.cat([model_input, image_latents], dim=1)
-        timestep = sigma.expand(x.shape[0])  # ModelSamplingAuraFlow: timestep = sigma * multiplier 1, fp32
-        v_cond = predict(model_input, timestep, True).float()
-        denoised = x - v_cond * sigma
-        if do_cfg:
-            v_uncond = predict(model_input, timestep, False).float()
-            if recipe.cfg_norm:
-                combined = v_uncond + recipe.guidance * (v_cond - v_uncond)
-                combined = combined * (torch.norm(v_cond, dim=-1, keepdim=True) /
-                                       torch.norm(combined, dim=-1, keepdim=True))
-                denoised = x - combined * sigma
-            else:
-                uncond = x - v_uncond * sigma
-                denoised = uncond + (denoised - uncond) * recipe.guidance
-        d = (x - denoised) / sigma
-        x = x + d * (sigmas[i + 1] - sigma)
-    return x
 
 
 def _decode(pipe, recipe: Recipe, latents, height: int, width: int, engine_form: bool) -> Image.Image:

@@ -14,7 +14,7 @@ import re
 
 from ..errors import CaseError
 
-from .model import FAMILY, Model  # noqa: F401 (the package's public names)
+from .model import FAMILY, ComfyTemplate, Model  # noqa: F401 (the package's public names)
 
 
 def _modules():

@@ -32,3 +32,20 @@ class Model:
     def name(self) -> str:
         """As the recipe, the CSV and the report show it: `qwen_image_edit_plus:2511 (qwen_image_edit_plus_2511)`."""
         return f"{self.arch}{':' + self.variant if self.variant else ''} ({self.id})"
+
+
+@dataclass(frozen=True)
+class ComfyTemplate:
+    """What ComfyUI's official workflow template for a model sets up (Comfy-Org/workflow_templates), as the
+    ComfyUI recipe (parity/engines/comfyui) reads it: the values a user gets by loading the template unchanged."""
+
+    template: str  # path@commit in Comfy-Org/workflow_templates
+    shift: float  # ModelSamplingAuraFlow
+    cfg_norm: bool  # a CFGNorm node (strength 1) before the sampler
+    encode: str  # the text-encode node: CLIPTextEncode, TextEncodeQwenImageEdit, TextEncodeQwenImageEditPlus
+    image_scale: str  # forms.CROP_*: the node that scales the (first) control image before encoding
+    prompt_resize: str  # preprocess.*: the vision image the encode node makes
+    vae_resize: str  # preprocess.*: the reference image the encode node VAE-encodes
+    reference: str  # the reference-latent method: "index", "index_timestep_zero" (2511: refs at timestep 0)
+    sampler: str = "euler"
+    scheduler: str = "simple"

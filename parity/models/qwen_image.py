@@ -11,9 +11,9 @@ sample that names one (so such a preview cannot exist), the server ignores them.
 from __future__ import annotations
 
 from ..aitk_config import SampleItem, TrainingJob
+from ..forms import CROP_NONE, LORA_FUSED, LORA_PEFT
 from ..preprocess import PROMPT_RESIZE, VAE_RESIZE
-from ..forms import LORA_FUSED, LORA_PEFT
-from .model import Model
+from .model import ComfyTemplate, Model
 
 COMMON = dict(arch="qwen_image", pipeline="QwenImagePipeline", reference_divisor=16, training_divisor=32)
 MODELS = (
@@ -48,6 +48,23 @@ def encode_prompt(pipe, prompt: str, tensors: list, device):
 def prepare_latents(pipe, encoded: list, channels: int, height: int, width: int, dtype, device, generator):
     """Noise only (no image latents)."""
     return pipe.prepare_latents(1, channels, height, width, dtype, device, generator, None), None
+
+
+def prompt_text(pipe, prompt: str, images: int) -> tuple[str, int]:
+    """The text-to-image template and its cut (no images)."""
+    return pipe.prompt_template_encode.format(prompt), pipe.prompt_template_encode_start_idx
+
+
+# ComfyUI's official templates (Comfy-Org/workflow_templates): no edit node, no CFGNorm.
+COMFYUI = {
+    "qwen_image": ComfyTemplate(
+        template="templates/image_qwen_image.json@86b41b83", shift=3.1, cfg_norm=False, encode="CLIPTextEncode",
+        image_scale=CROP_NONE, prompt_resize=PROMPT_RESIZE, vae_resize=VAE_RESIZE, reference="index"),
+    "qwen_image_2512": ComfyTemplate(
+        template="templates/image_qwen_Image_2512.json@7c70b6ec", shift=3.1, cfg_norm=False,
+        encode="CLIPTextEncode", image_scale=CROP_NONE, prompt_resize=PROMPT_RESIZE, vae_resize=VAE_RESIZE,
+        reference="index"),
+}
 
 
 def request_control_images(paths: tuple[str, ...]) -> dict[str, str]:

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from ..aitk_config import SampleItem, TrainingJob
 from ..errors import CaseError
-from ..preprocess import (PROMPT_RESIZE_1024, PROMPT_RESIZE_1024_TRANSPOSED, VAE_RESIZE_REQUEST_BILINEAR,
-                          VAE_RESIZE_REQUEST_LANCZOS)
-from ..forms import LORA_PEFT
-from .model import Model
+from ..forms import CROP_TOTAL_PIXELS, LORA_PEFT
+from ..preprocess import (PROMPT_RESIZE_1024, PROMPT_RESIZE_1024_TRANSPOSED, PROMPT_RESIZE_COMFY_1024,
+                          VAE_RESIZE_COMFY_1024, VAE_RESIZE_REQUEST_BILINEAR, VAE_RESIZE_REQUEST_LANCZOS)
+from .model import ComfyTemplate, Model
 
 MODELS = (
     Model(id="qwen_image_edit", arch="qwen_image_edit", variant=None, hub_id="Qwen/Qwen-Image-Edit",
@@ -66,6 +66,22 @@ def prepare_latents(pipe, encoded: list, channels: int, height: int, width: int,
     """Noise and the one control image's packed latents (already encoded: passed through)."""
     return pipe.prepare_latents(encoded[0] if encoded else None, 1, channels, height, width, dtype, device,
                                 generator, None)
+
+
+def prompt_text(pipe, prompt: str, images: int) -> tuple[str, int]:
+    """The pipeline's template (one image's vision tokens before the prompt) and its cut; ComfyUI's
+    TextEncodeQwenImageEdit uses the same text (QwenImageTokenizer.llama_template_images)."""
+    return pipe.prompt_template_encode.format(prompt), pipe.prompt_template_encode_start_idx
+
+
+# ComfyUI's official template (Comfy-Org/workflow_templates; it ships with the Lightning LoRA on at 4 steps and
+# cfg 1: the recipe keeps the preview's steps and cfg and leaves the extra LoRA out, as for the other models).
+COMFYUI = {
+    "qwen_image_edit": ComfyTemplate(
+        template="templates/image_qwen_image_edit.json@b64c9448", shift=3.0, cfg_norm=True,
+        encode="TextEncodeQwenImageEdit", image_scale=CROP_TOTAL_PIXELS, prompt_resize=PROMPT_RESIZE_COMFY_1024,
+        vae_resize=VAE_RESIZE_COMFY_1024, reference="index"),
+}
 
 
 def request_control_images(paths: tuple[str, ...]) -> dict[str, str]:

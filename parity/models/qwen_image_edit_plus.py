@@ -10,9 +10,10 @@ rescale off unless `sample.do_cfg_norm`) and of the server's (stock QwenImageEdi
 from __future__ import annotations
 
 from ..aitk_config import SampleItem, TrainingJob
-from ..preprocess import PROMPT_RESIZE, PROMPT_RESIZE_TRANSPOSED, VAE_RESIZE
-from ..forms import LORA_FUSED, LORA_PEFT
-from .model import Model
+from ..forms import CROP_KONTEXT, LORA_FUSED, LORA_PEFT
+from ..preprocess import (PROMPT_RESIZE, PROMPT_RESIZE_COMFY, PROMPT_RESIZE_TRANSPOSED, VAE_RESIZE,
+                          VAE_RESIZE_COMFY)
+from .model import ComfyTemplate, Model
 
 COMMON = dict(arch="qwen_image_edit_plus", pipeline="QwenImageEditPlusPipeline", reference_divisor=32,
               training_divisor=32)
@@ -62,6 +63,28 @@ def encode_prompt(pipe, prompt: str, tensors: list, device):
 def prepare_latents(pipe, encoded: list, channels: int, height: int, width: int, dtype, device, generator):
     """Noise and the control images' packed latents; already-encoded latents pass through untouched."""
     return pipe.prepare_latents(encoded or None, 1, channels, height, width, dtype, device, generator, None)
+
+
+def prompt_text(pipe, prompt: str, images: int) -> tuple[str, int]:
+    """The text the encoder reads (the template, "Picture N: ..." per image, the prompt) and how many leading
+    tokens are cut: the pipeline's own template and cut, which ComfyUI's TextEncodeQwenImageEditPlus shares."""
+    pictures = "".join(f"Picture {i + 1}: <|vision_start|><|image_pad|><|vision_end|>" for i in range(images))
+    return pipe.prompt_template_encode.format(pictures + prompt), pipe.prompt_template_encode_start_idx
+
+
+# ComfyUI's official templates (Comfy-Org/workflow_templates); parity/engines/comfyui builds its recipe from these.
+COMFYUI = {
+    "qwen_image_edit_plus": ComfyTemplate(
+        template="templates/image_qwen_image_edit_2509.json@13c76ca6", shift=3.0, cfg_norm=True,
+        encode="TextEncodeQwenImageEditPlus", image_scale=CROP_KONTEXT, prompt_resize=PROMPT_RESIZE_COMFY,
+        vae_resize=VAE_RESIZE_COMFY, reference="index"),
+    # index_timestep_zero (FluxKontextMultiReferenceLatentMethod in the template): the references at timestep 0,
+    # which the 2511 checkpoint's own `zero_cond_t` does in Diffusers
+    "qwen_image_edit_plus_2511": ComfyTemplate(
+        template="templates/image_qwen_image_edit_2511.json@293fb904", shift=3.1, cfg_norm=True,
+        encode="TextEncodeQwenImageEditPlus", image_scale=CROP_KONTEXT, prompt_resize=PROMPT_RESIZE_COMFY,
+        vae_resize=VAE_RESIZE_COMFY, reference="index_timestep_zero"),
+}
 
 
 def request_control_images(paths: tuple[str, ...]) -> dict[str, str]:
