@@ -24,25 +24,12 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
 from . import images
+from .columns import NAMES, in_order, ordered
 from .expectations import EXPECTED
 from .recipe import FIELD_NAMES
 from .store import write_atomic
 
-# Stable column order: documented in the README; new columns are only ever appended.
-COLUMNS = [
-    "case", "preview", "step", "sample_index", "verdict", "reason", "ssim", "psnr", "mean_abs", "max_abs",
-    "width", "height", "seed", "steps", "guidance", "multiplier", "prompt", "lora", "model", "device", "dtype",
-    "render_seconds", "fidelity_verdict", "fidelity_max_abs", "fidelity_mean_abs", "findings",
-    "ssim_raw", "psnr_raw", "mean_abs_raw", "max_abs_raw", "id", "notes", "torch", "diffusers",
-    *[f"training.{f}" for f in FIELD_NAMES], *[f"reference.{f}" for f in FIELD_NAMES], "findings_detail",
-    "top_cause", "top_cause_share", "causes", "golden_verdict", "golden_max_abs", "golden_fingerprint",
-    "lpips_alex", "stlpips_alex", "check_seconds", "renders",
-    "server_request_id", "server_seconds", "server_image", "server_vs_local_mean_abs", "server_vs_local_max_abs",
-    "expected_verdict", "expected_reason", "expected_outcome", "closing_set", "closing_share", "interactions",
-    "fix", "fix_distance", "fix_passes",
-    "lora_keys_aitk", "lora_keys_server", "lora_keys_comfyui",
-]
-# Then any `hint_*` columns (sorted), then whatever else the records carry, in order of first appearance.
+COLUMNS = list(NAMES)  # every column, in the CSV's fixed order (columns.py: each with its meaning)
 
 # The runner's images of a preview (images.py): images/<case>/<stem>.<kind>.<ext>. The strip on the case page
 # shows these kinds in this order, then any other heat maps (one per perceptual distance).
@@ -56,13 +43,13 @@ CHART_METRICS = (("ssim", "SSIM", True), ("lpips_alex", "LPIPS (alex)", False),
 
 
 def to_frame(records: list[dict]) -> pd.DataFrame:
+    """The CSV's table: every column of columns.py in its order (empty where no record has it), then any other
+    key a record carries, sorted by name."""
     frame = pd.DataFrame.from_records(records)
     for col in COLUMNS:
         if col not in frame:
             frame[col] = None
-    hints = sorted(c for c in frame.columns if c not in COLUMNS and str(c).startswith("hint_"))
-    extra = [c for c in frame.columns if c not in COLUMNS and c not in hints]
-    return frame[COLUMNS + hints + extra]
+    return frame[ordered(COLUMNS + list(frame.columns))]
 
 
 def write_reports(records: list[dict], folder: Path, env: dict) -> dict[str, Path]:
@@ -72,7 +59,8 @@ def write_reports(records: list[dict], folder: Path, env: dict) -> dict[str, Pat
     frame = to_frame(records)
     paths = {"csv": folder / "parity.csv", "json": folder / "parity.json", "html": folder / "index.html"}
     write_atomic(paths["csv"], frame.to_csv(index=False, lineterminator="\n"))
-    write_atomic(paths["json"], json.dumps({"environment": env, "records": records}, indent=1, default=str))
+    write_atomic(paths["json"], json.dumps({"environment": env, "records": [in_order(r) for r in records]},
+                                           indent=1, default=str))
     for name, html in render_pages(records, env, folder).items():
         path = folder / name
         write_atomic(path, html)

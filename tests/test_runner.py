@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from conftest import PARITY_A, TINY_CASES, V1, copy_tiny_case
+from parity.report import COLUMNS
 from parity.runner import Options, plan, run
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -67,6 +68,7 @@ def test_bad_inputs_fail_only_their_previews(broken_root, tmp_path, tiny_model, 
     csv = pd.read_csv(tmp_path / "reports" / "parity.csv")
     preview_files = [p for p in broken_root.rglob("samples/*") if p.is_file()]
     assert len(csv) == len(preview_files) == 5
+    assert list(csv.columns) == COLUMNS  # every record key is a listed column (columns.py), in its place
     html = (tmp_path / "reports" / "index.html").read_text()
     assert "is not valid YAML" in html and (tmp_path / "reports" / "images" / v1).is_dir()
 
