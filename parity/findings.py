@@ -54,6 +54,8 @@ EFFECTS = {
                           " levels mean, up to ~130 at edges)",
     "lora": "different LoRA weights (another step, or none)",
     "multiplier": "different LoRA strength",
+    "extra_loras": "other LoRAs applied beside the trained one (a Lightning/distillation LoRA in a ComfyUI graph, "
+                   "usually with 4-8 steps at cfg 1): a different model altogether",
     "lora_application": "LoRA added in another precision/way (a bf16 adapter, fused into bf16 weights as the "
                         "server does for 2511 and 2512, an fp32 delta): small numeric drift in bf16, larger on "
                         "strong LoRAs; none in fp32",

@@ -51,6 +51,7 @@ class Options:
     server_timeout: float = 600.0  # seconds to wait for the server's image of one preview
     server_local: bool = False  # also render the server's request here and compare it with the server's image
     reference: str = "server"  # the reference engine whose recipe is rendered: server | comfyui (parity/engines/)
+    workflow: Path | None = None  # a user's ComfyUI graph: the reference recipe of every preview (implies comfyui)
 
 
 class OptionError(ValueError):
@@ -87,7 +88,10 @@ SETTINGS: tuple[Setting, ...] = (
             "lossless (full-size PNG, ~13 MB)", "compact", "choice", ("compact", "lossless")),
     Setting("reference", "the reference engine, whose recipe each preview is compared with: server (the runcomfy "
             "ai-toolkit-inference server on stock Diffusers) or comfyui (ComfyUI's native graph as the model's "
-            "official template sets it up; text-to-image models so far)", "server", "choice", ("server", "comfyui")),
+            "official template sets it up)", "server", "choice", ("server", "comfyui")),
+    Setting("workflow", "a ComfyUI workflow (API format, or the UI format ComfyUI saves) whose sampler path is the "
+            "reference for every preview, filled with each preview's prompt, seed, images, LoRA step and size "
+            "(implies --parity-reference comfyui)", "", "path"),
     Setting("device", "render device: cuda or cpu", "", shown_default="cuda if available, else cpu"),
     Setting("dtype", "compute dtype of the reference render; auto: what the reference server uses on the device "
             "(bfloat16 on CUDA, float32 on a CPU)", "auto", "choice", ("auto", "bfloat16", "float32", "float16")),
@@ -224,9 +228,25 @@ def build(raw: dict[str, object], root: Path, flag=lambda s: s.flag, **fixed) ->
     if values["server"] and values["reference"] != "server":
         raise OptionError(f"{flag(BY_NAME['reference'])}: {values['reference']!r} renders the reference here, and "
                           f"{flag(BY_NAME['server'])} takes it from the server (use one of them)")
+    if values["workflow"]:
+        values["reference"] = "comfyui"
+        _check_workflow(values["workflow"], flag(BY_NAME["workflow"]), values["server"])
     values["cases"] = values["cases"] or (root / "cases",)
     values.update(fixed)
     return Options(thresholds=thresholds, **values)
+
+
+def _check_workflow(path: Path, name: str, server: str | None) -> None:
+    """The graph reads as a reference (in seconds, before any case is planned): else an OptionError naming the
+    file and the node."""
+    from .engines.comfyui import workflow
+
+    if server:
+        raise OptionError(f"{name}: the reference comes from the server with --parity-server; use one of them")
+    try:
+        workflow.read_file(path)
+    except workflow.WorkflowError as exc:
+        raise OptionError(f"{name}: {exc}") from None
 
 
 def auto_dtype(device: str) -> str:

@@ -263,7 +263,8 @@ def build_recipes(task: Task, case: Case, inputs: CaseInputs, pv: Preview, item:
     task.training = training_recipe(job, item, lora, case.resolve, lora_merged=merged, ara=inputs.ara,
                                     ara_file=inputs.ara_file)
     task.reference = engines.reference_recipe(options.reference, job, item, lora, case.resolve,
-                                              scheduler=inputs.scheduler, device=options.device, dtype=options.dtype)
+                                              scheduler=inputs.scheduler, device=options.device, dtype=options.dtype,
+                                              workflow=options.workflow)
     too_long = preflight.prompt_length_problems(job.path, f"sample item {item.index}", inputs.model_folder,
                                                 (task.training, task.reference))
     if too_long:

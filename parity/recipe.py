@@ -27,7 +27,7 @@ SCHEDULER_KEYS = ("base_image_seq_len", "base_shift", "invert_sigmas", "max_imag
 # the defaults of the fields above, left out of Recipe.key() at these values (old caches stay valid)
 KEY_DEFAULTS = {"sigma_schedule": SIGMAS_DIFFUSERS, "cfg_form": CFG_V, "noise": NOISE_DIFFUSERS,
                 "pixels": PIXELS_ROUND, "control_crop": CROP_NONE, "vision_tokens": VISION_DIFFUSERS,
-                "reference_method": REFERENCES_DIFFUSERS}
+                "reference_method": REFERENCES_DIFFUSERS, "extra_loras": ()}
 
 
 
@@ -67,6 +67,7 @@ class Recipe:
     control_crop: str = CROP_NONE  # a scaling node before the edit encode (forms.CROP_*)
     vision_tokens: str = VISION_DIFFUSERS  # the order and positions of the vision tokens in the prompt encoder
     reference_method: str = REFERENCES_DIFFUSERS  # the reference latents' rotary positions
+    extra_loras: tuple[tuple[str, float], ...] = ()  # other LoRA files and strengths (a ComfyUI graph's Lightning)
 
     def key(self) -> str:
         """A stable hash of the fields that change pixels (for render caches); files count by content."""
@@ -75,6 +76,8 @@ class Recipe:
         data["control_images_prompt"] = [file_digest(p) for p in self.control_images_prompt]
         data["control_images_vae"] = [file_digest(p) for p in self.control_images_vae]
         data["lora"] = file_digest(self.lora) if self.lora else None
+        if self.extra_loras:
+            data["extra_loras"] = [[file_digest(path), strength] for path, strength in self.extra_loras]
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     def with_fields(self, **values) -> "Recipe":
@@ -104,7 +107,8 @@ FIELD_NAMES = (
     "model", "width", "height", "steps", "scheduler", "sigma_schedule", "guidance", "cfg_norm", "cfg_form",
     "negative_prompt", "seed", "noise", "prompt", "control_images", "control_crop", "control_prompt_resize",
     "control_vae_resize", "vision_tokens", "reference_method",
-    "lora", "multiplier", "lora_application", "precision", "text_encoder_rope", "vae_tiling", "device", "dtype",
+    "lora", "multiplier", "extra_loras", "lora_application", "precision", "text_encoder_rope", "vae_tiling", "device",
+    "dtype",
     "pixels", "output_format",
 )
 # The recipe attributes behind each public field.
@@ -125,6 +129,9 @@ def public_fields(recipe: Recipe) -> dict[str, object]:
             out[name] = f"{recipe.seed} ({recipe.generator_device} generator)"
         elif name == "lora":
             out[name] = Path(recipe.lora).name if recipe.lora else None
+        elif name == "extra_loras":
+            out[name] = ", ".join(f"{Path(path).name} @ {strength:g}" for path, strength in recipe.extra_loras) \
+                or "none"
         elif name == "precision":
             out[name] = precision_text(recipe.precision, recipe.dtype)
         elif name == "sigma_schedule" and recipe.sigma_schedule == SIGMAS_DIFFUSERS:

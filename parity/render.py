@@ -29,7 +29,8 @@ from .preprocess import COMFY_AREAS, VAE_RESIZE, VAE_RULES, UnknownRule, prompt_
 from .engines import comfyui
 from .engines.comfyui import conditioning
 from .engines.comfyui.sampling import sample_x0
-from .forms import (CFG_V, CFG_X0, CROP_KONTEXT, CROP_NONE, CROP_TOTAL_PIXELS, NOISE_DIFFUSERS, PIXELS_ROUND,
+from .forms import (CFG_V, CFG_X0, CROP_KONTEXT, CROP_NONE, CROP_TOTAL_PIXELS, LORA_MERGED_FP32, NOISE_DIFFUSERS,
+                    PIXELS_ROUND,
                     REFERENCES_COMFY, REFERENCES_DIFFUSERS, SIGMAS_DIFFUSERS, VISION_COMFY, VISION_DIFFUSERS)
 from .recipe import Recipe
 
@@ -204,7 +205,7 @@ def _render(loaded: LoadedModel, recipe: Recipe, capture: RenderCapture | None, 
     check_renderable(loaded, recipe)
     pipe = loaded.pipe
     sources = control_sources(recipe)
-    with loaded.lora(recipe.lora, recipe.multiplier, recipe.lora_application), \
+    with loaded.lora(*lora_to_apply(loaded, recipe)), \
             vae_tiling(pipe.vae, recipe.vae_tiling), reference_positions(pipe.transformer, recipe.reference_method):
         with text_encoder_buffers(pipe.text_encoder, recipe.text_encoder_rope):
             embeds, mask = prompt_embeds(loaded, recipe, recipe.prompt, sources, kernels)
@@ -229,6 +230,23 @@ def _render(loaded: LoadedModel, recipe: Recipe, capture: RenderCapture | None, 
                                                                            else neg_mask), img_shapes, latents.size(1))
         latents = sample(loaded, recipe, latents, image_latents, predict, capture, channels)
         return _decode(pipe, recipe, latents, height, width, engine_form=recipe.cfg_form == CFG_X0)
+
+
+def lora_to_apply(loaded: LoadedModel, recipe: Recipe) -> tuple[str | None, float, str]:
+    """(file, multiplier, how) of the render's LoRA: the recipe's, or with `extra_loras` one stacked file of all of
+    them (lora_stack.py), applied the recipe's way (merged, as ComfyUI merges)."""
+    if not recipe.extra_loras:
+        return recipe.lora, recipe.multiplier, recipe.lora_application
+    import tempfile
+    from pathlib import Path
+
+    from .lora_stack import stacked_file
+
+    loras = ([(recipe.lora, recipe.multiplier)] if recipe.lora else []) + list(recipe.extra_loras)
+    folder = loaded.disk_cache.folder if loaded.disk_cache is not None else Path(tempfile.gettempdir()) / "parity"
+    params = [name for name, _ in loaded.pipe.transformer.named_parameters()]
+    how = recipe.lora_application if recipe.lora else LORA_MERGED_FP32
+    return stacked_file(loras, params, Path(folder) / "lora-stacks"), 1.0, how
 
 
 def control_sources(recipe: Recipe) -> dict:

@@ -10,12 +10,23 @@ from __future__ import annotations
 ENGINES = ("server", "comfyui")  # --parity-reference
 
 
-def reference_recipe(engine: str, job, item, lora, resolve, *, scheduler: dict, device: str, dtype: str):
-    """The reference recipe of `engine` for the preview of `item`."""
+def reference_recipe(engine: str, job, item, lora, resolve, *, scheduler: dict, device: str, dtype: str,
+                     workflow=None):
+    """The reference recipe of `engine` for the preview of `item`; `workflow`: a user's ComfyUI graph file (its
+    sampler path sets the recipe, parity/engines/comfyui/workflow.py)."""
     if engine == "comfyui":
         from . import comfyui
 
-        return comfyui.reference_recipe(job, item, lora, resolve, device=device, dtype=dtype, scheduler=scheduler)
+        base = comfyui.reference_recipe(job, item, lora, resolve, device=device, dtype=dtype, scheduler=scheduler)
+        if workflow is None:
+            return base
+        from .comfyui import workflow as graphs
+
+        def resolve_lora(name: str):
+            beside = workflow.parent / name
+            return beside if beside.is_file() else resolve(name, f"LoRA {name!r} (named by {workflow.name})")
+
+        return graphs.recipe(graphs.read_file(workflow), base, job.name, resolve_lora)
     if engine == "server":
         from . import server
 

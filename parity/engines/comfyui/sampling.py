@@ -32,18 +32,48 @@ def shifted_table(shift: float, size: int = TABLE) -> torch.Tensor:
 
 def simple_sigmas(shift: float, steps: int, size: int = TABLE) -> torch.Tensor:
     """`steps` sigmas picked evenly from the top of the table, then 0 (the `simple` scheduler), fp32."""
-    table = shifted_table(shift, size)
+    return pick_simple(shifted_table(shift, size), steps)
+
+
+FLUX_TABLE = 10000  # ModelSamplingFlux's timesteps
+
+
+def flux_table(mu: float, size: int = FLUX_TABLE) -> torch.Tensor:
+    """ModelSamplingFlux's table (the ModelSamplingFlux node, and Qwen's default sampling at mu 1.15):
+    exp(mu) / (exp(mu) + (1/t - 1)) for t = 1/size .. 1, fp32."""
+    t = torch.arange(1, size + 1, 1) / size
+    e = math.exp(mu)
+    return e / (e + (1 / t - 1) ** 1.0)
+
+
+def pick_simple(table: torch.Tensor, steps: int) -> torch.Tensor:
+    """The `simple` scheduler: `steps` entries evenly from the top of the table, then 0, fp32."""
     stride = len(table) / steps
     picked = [float(table[-(1 + int(i * stride))]) for i in range(steps)]
     return torch.tensor(picked + [0.0], dtype=torch.float32)
 
 
+def flux_mu(max_shift: float, base_shift: float, width: int, height: int) -> float:
+    """The ModelSamplingFlux node's mu for an image size: linear in the latent tokens from base_shift at 256 to
+    max_shift at 4096 (comfy_extras/nodes_model_advanced.py)."""
+    slope = (max_shift - base_shift) / (4096 - 256)
+    return (width * height / (8 * 8 * 2 * 2)) * slope + (base_shift - slope * 256)
+
+
+def flux_text(mu: float, scheduler: str = "simple") -> str:
+    return f"flux shift mu {mu:.6g}, {scheduler}"
+
+
 def sigmas(schedule: str, steps: int) -> torch.Tensor:
     """The N+1 sigmas a `sigma_schedule` value names; NotRenderable for a form this renderer does not know."""
-    found = re.fullmatch(r"static shift ([0-9.]+), simple", schedule.strip())
-    if not found:
-        raise NotRenderable(f"unknown sigma schedule {schedule!r}")
-    return simple_sigmas(float(found.group(1)), steps)
+    text = schedule.strip()
+    found = re.fullmatch(r"static shift ([0-9.]+), simple", text)
+    if found:
+        return simple_sigmas(float(found.group(1)), steps)
+    found = re.fullmatch(r"flux shift mu (-?[0-9.e+-]+), simple", text)
+    if found:
+        return pick_simple(flux_table(float(found.group(1))), steps)
+    raise NotRenderable(f"unknown sigma schedule {schedule!r}")
 
 
 def initial_noise(seed: int, channels: int, height: int, width: int) -> torch.Tensor:
