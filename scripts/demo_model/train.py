@@ -181,29 +181,48 @@ def finish_vae(vae, args) -> dict:
             "vae_psnr_held_out_256": held_out_psnr(vae, args.seed, args.vae_eval, 256)}
 
 
+def stage(work: Path, name: str, label: str, train) -> dict:
+    """A training stage, made once: its network in `work/<name>`, its figures in `work/<name>.json` (read back
+    when it was made before). `train()` trains it and returns (the network to keep, its figures)."""
+    done = work / name
+    if (done / "config.json").exists():
+        log(f"{label}: already trained in", done)
+        return json.loads((work / f"{name}.json").read_text())
+    network, figures = train()
+    log(f"{label}:", figures)
+    network.save_pretrained(done)
+    (work / f"{name}.json").write_text(json.dumps(figures, indent=1))
+    return figures
+
+
+def vae_steps(vae, args, label: str, steps: int, lr: float, lr_at, batch, rng: random.Random, extra=None) -> float:
+    """`steps` optimiser steps (`vae_step`) of `vae` on `batch(rng)` at the rate `lr_at(step)` (AdamW made at `lr`),
+    with `extra` added to the loss; returns the seconds they took."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    start = time.time()
+    for step in range(steps):
+        vae_step(vae, opt, batch(rng), lr_at(step), args, f"{label} step {step}/{steps}",
+                 step % 50 == 0 or step == steps - 1, start, extra=extra)
+    return round(time.time() - start, 1)
+
+
 def train_vae(args, work: Path) -> dict:
     from diffusers import AutoencoderKLQwenImage
 
-    done = work / "vae"
-    if (done / "config.json").exists():
-        log("vae: already trained in", done)
-        return json.loads((work / "vae.json").read_text())
-    torch.manual_seed(args.seed)
-    vae = AutoencoderKLQwenImage(**VAE_CONFIG).to(DEVICE)
-    rng = seeded(args.seed, "vae")
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    start = time.time()
-    for step in range(args.vae_steps):
+    def train():
+        torch.manual_seed(args.seed)
+        vae = AutoencoderKLQwenImage(**VAE_CONFIG).to(DEVICE)
+
         # Warm up: at higher rates this VAE settles on the mean colour and its gradients vanish.
-        lr = args.vae_lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps)))
-        vae_step(vae, opt, vae_batch(rng, args.vae_batch, 128), lr, args, f"vae step {step}/{args.vae_steps}",
-                 step % 50 == 0 or step == args.vae_steps - 1, start)
-    figures = {"vae_steps": args.vae_steps, "vae_seconds": round(time.time() - start, 1),
-               **finish_vae(vae, args)}
-    log("vae:", figures)
-    vae.save_pretrained(done)
-    (work / "vae.json").write_text(json.dumps(figures, indent=1))
-    return figures
+        def lr_at(step: int) -> float:
+            return args.vae_lr * min(1.0, (step + 1) / 50) * (
+                0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps)))
+
+        seconds = vae_steps(vae, args, "vae", args.vae_steps, args.vae_lr, lr_at,
+                            lambda rng: vae_batch(rng, args.vae_batch, 128), seeded(args.seed, "vae"))
+        return vae, {"vae_steps": args.vae_steps, "vae_seconds": seconds, **finish_vae(vae, args)}
+
+    return stage(work, "vae", "vae", train)
 
 
 def colour_batch(rng: random.Random, batch: int, crop: int) -> torch.Tensor:
@@ -242,27 +261,21 @@ def train_colours(args, work: Path) -> dict:
     no colour's latent collapses onto another's (after stage 1 purple and grey were 0.02 apart)."""
     from diffusers import AutoencoderKLQwenImage
 
-    done = work / "vae-colour"
-    if (done / "config.json").exists():
-        log("colours: already trained in", done)
-        return json.loads((work / "vae-colour.json").read_text())
-    torch.manual_seed(args.seed + 2)
-    vae = AutoencoderKLQwenImage.from_pretrained(work / "vae").to(DEVICE)
-    before = colour_separation(vae)
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.colour_lr, weight_decay=0.0)
-    rng = seeded(args.seed, "colour")
-    start = time.time()
-    for step in range(args.colour_steps):
-        lr = args.colour_lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.colour_steps)))
-        vae_step(vae, opt, colour_batch(rng, 16, 64), lr, args, f"colours step {step}/{args.colour_steps}",
-                 step % 50 == 0 or step == args.colour_steps - 1, start)
-    seconds = round(time.time() - start, 1)
-    figures = {"colour_steps": args.colour_steps, "colour_seconds": seconds, **finish_vae(vae, args),
-               "colours_before": before, "colours_after": colour_separation(vae)}
-    log("colours:", figures)
-    vae.save_pretrained(done)
-    (work / "vae-colour.json").write_text(json.dumps(figures, indent=1))
-    return figures
+    def train():
+        torch.manual_seed(args.seed + 2)
+        vae = AutoencoderKLQwenImage.from_pretrained(work / "vae").to(DEVICE)
+        before = colour_separation(vae)
+
+        def lr_at(step: int) -> float:
+            return args.colour_lr * min(1.0, (step + 1) / 20) * (
+                0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.colour_steps)))
+
+        seconds = vae_steps(vae, args, "colours", args.colour_steps, args.colour_lr, lr_at,
+                            lambda rng: colour_batch(rng, 16, 64), seeded(args.seed, "colour"))
+        return vae, {"colour_steps": args.colour_steps, "colour_seconds": seconds, **finish_vae(vae, args),
+                     "colours_before": before, "colours_after": colour_separation(vae)}
+
+    return stage(work, "vae-colour", "colours", train)
 
 
 PALETTE_NAMES = sorted(task.PALETTE)
@@ -303,35 +316,25 @@ def separate_colours(args, work: Path) -> dict:
     """
     from diffusers import AutoencoderKLQwenImage
 
-    done = work / "vae-separated"
-    if (done / "config.json").exists():
-        log("separate: already trained in", done)
-        return json.loads((work / "vae-separated.json").read_text())
-    torch.manual_seed(args.seed + 4)
-    vae = AutoencoderKLQwenImage.from_pretrained(work / "vae-colour").to(DEVICE)
-    before = palette_gaps(vae)
-    mean, std = torch.tensor(vae.config.latents_mean), torch.tensor(vae.config.latents_std)
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.separate_lr, weight_decay=0.0)
-    rng = seeded(args.seed, "separate")
-    pairs = torch.triu_indices(len(PALETTE_NAMES), len(PALETTE_NAMES), 1)
+    def train():
+        torch.manual_seed(args.seed + 4)
+        vae = AutoencoderKLQwenImage.from_pretrained(work / "vae-colour").to(DEVICE)
+        before = palette_gaps(vae)
+        mean, std = torch.tensor(vae.config.latents_mean), torch.tensor(vae.config.latents_std)
+        pairs = torch.triu_indices(len(PALETTE_NAMES), len(PALETTE_NAMES), 1)
 
-    def hinge() -> torch.Tensor:
-        tokens = palette_tokens(vae, mean, std)
-        gaps = torch.cdist(tokens, tokens)[pairs[0], pairs[1]] / tokens.norm(dim=1).mean()
-        return 100 * torch.relu(args.separate_margin - gaps).pow(2).mean()
+        def hinge() -> torch.Tensor:
+            tokens = palette_tokens(vae, mean, std)
+            gaps = torch.cdist(tokens, tokens)[pairs[0], pairs[1]] / tokens.norm(dim=1).mean()
+            return 100 * torch.relu(args.separate_margin - gaps).pow(2).mean()
 
-    start = time.time()
-    for step in range(args.separate_steps):
-        vae_step(vae, opt, colour_batch(rng, 16, 64), args.separate_lr, args,
-                 f"separate step {step}/{args.separate_steps}",
-                 step % 50 == 0 or step == args.separate_steps - 1, start, extra=hinge)
-    seconds = round(time.time() - start, 1)
-    figures = {"separate_steps": args.separate_steps, "separate_seconds": seconds, **finish_vae(vae, args),
-               "palette_before": before, "palette_after": palette_gaps(vae)}
-    log("separate:", figures)
-    vae.save_pretrained(done)
-    (work / "vae-separated.json").write_text(json.dumps(figures, indent=1))
-    return figures
+        seconds = vae_steps(vae, args, "separate", args.separate_steps, args.separate_lr,
+                            lambda step: args.separate_lr, lambda rng: colour_batch(rng, 16, 64),
+                            seeded(args.seed, "separate"), extra=hinge)
+        return vae, {"separate_steps": args.separate_steps, "separate_seconds": seconds, **finish_vae(vae, args),
+                     "palette_before": before, "palette_after": palette_gaps(vae)}
+
+    return stage(work, "vae-separated", "separate", train)
 
 
 def latent_stats(vae, seed: int, count: int) -> tuple[list[float], list[float]]:
@@ -809,31 +812,36 @@ def flow_training(model, ema, data, args, label: str, steps: int, lr: float, war
 def train_transformer(args, work: Path) -> dict:
     from diffusers import QwenImageTransformer2DModel
 
-    done = work / "transformer"
-    if (done / "config.json").exists():
-        log("transformer: already trained in", done)
-        return json.loads((work / "transformer.json").read_text())
-    data = load_data(work)
-    torch.manual_seed(args.seed)
-    model = QwenImageTransformer2DModel(**TRANSFORMER_CONFIG)
-    copy_head_init(model)
-    separation = reader_head_init(model, data[min(data)], torch.Generator().manual_seed(args.seed + 5),
-                                  render_mu())
-    log("transformer: prompt reader head (last-word scores: lowest of the last words, highest of the rest):",
-        separation)
-    ema = QwenImageTransformer2DModel(**TRANSFORMER_CONFIG)
-    ema.load_state_dict(model.state_dict())
+    def train():
+        data = load_data(work)
+        torch.manual_seed(args.seed)
+        model = QwenImageTransformer2DModel(**TRANSFORMER_CONFIG)
+        copy_head_init(model)
+        separation = reader_head_init(model, data[min(data)], torch.Generator().manual_seed(args.seed + 5),
+                                      render_mu())
+        log("transformer: prompt reader head (last-word scores: lowest of the last words, highest of the rest):",
+            separation)
+        ema = QwenImageTransformer2DModel(**TRANSFORMER_CONFIG)
+        ema.load_state_dict(model.state_dict())
+        ema.requires_grad_(False)
+        model, ema = model.to(DEVICE), ema.to(DEVICE)
+        start = time.time()
+        losses = flow_training(model, ema, data, args, "transformer", args.steps, args.lr, 100, args.ema,
+                               args.seed, "batches", checkpoints=work / "transformer")
+        return ema, {"transformer_steps": args.steps, "transformer_seconds": round(time.time() - start, 1),
+                     "final_loss": round(float(np.mean(losses[-200:])), 4), "reader_separation": separation}
+
+    return stage(work, "transformer", "transformer", train)
+
+
+def trained_pair(source: Path):
+    """A trained transformer loaded twice: the copy to train and its average (no gradients)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    model = QwenImageTransformer2DModel.from_pretrained(source).to(DEVICE)
+    ema = QwenImageTransformer2DModel.from_pretrained(source).to(DEVICE)
     ema.requires_grad_(False)
-    model, ema = model.to(DEVICE), ema.to(DEVICE)
-    start = time.time()
-    losses = flow_training(model, ema, data, args, "transformer", args.steps, args.lr, 100, args.ema, args.seed,
-                           "batches", checkpoints=done)
-    figures = {"transformer_steps": args.steps, "transformer_seconds": round(time.time() - start, 1),
-               "final_loss": round(float(np.mean(losses[-200:])), 4), "reader_separation": separation}
-    ema.save_pretrained(done)
-    (work / "transformer.json").write_text(json.dumps(figures, indent=1))
-    log("transformer:", figures)
-    return figures
+    return model, ema
 
 
 def train_more(args, work: Path) -> dict:
@@ -841,26 +849,18 @@ def train_more(args, work: Path) -> dict:
     `--more-lr`), shape tokens weighted 1 + `--shape-weight`. At the end of stage 3 backgrounds followed the
     prompt but shapes were still textured, faded or kept their colour: they are a few percent of a picture's
     tokens, so their loss falls last."""
-    from diffusers import QwenImageTransformer2DModel
 
-    done = work / "transformer-more"
-    if (done / "config.json").exists():
-        log("more: already trained in", done)
-        return json.loads((work / "transformer-more.json").read_text())
-    data = load_data(work)
-    torch.manual_seed(args.seed + 7)
-    model = QwenImageTransformer2DModel.from_pretrained(work / "transformer").to(DEVICE)
-    ema = QwenImageTransformer2DModel.from_pretrained(work / "transformer").to(DEVICE)
-    ema.requires_grad_(False)
-    start = time.time()
-    losses = flow_training(model, ema, data, args, "more", args.more_steps, args.more_lr, 50, args.ema,
-                           args.seed + 7, "more", weight=args.shape_weight)
-    figures = {"more_steps": args.more_steps, "more_seconds": round(time.time() - start, 1),
-               "more_final_loss": round(float(np.mean(losses[-200:])), 4)}
-    ema.save_pretrained(done)
-    (work / "transformer-more.json").write_text(json.dumps(figures, indent=1))
-    log("more:", figures)
-    return figures
+    def train():
+        data = load_data(work)
+        torch.manual_seed(args.seed + 7)
+        model, ema = trained_pair(work / "transformer")
+        start = time.time()
+        losses = flow_training(model, ema, data, args, "more", args.more_steps, args.more_lr, 50, args.ema,
+                               args.seed + 7, "more", weight=args.shape_weight)
+        return ema, {"more_steps": args.more_steps, "more_seconds": round(time.time() - start, 1),
+                     "more_final_loss": round(float(np.mean(losses[-200:])), 4)}
+
+    return stage(work, "transformer-more", "more", train)
 
 
 def regrid(tokens: torch.Tensor, grid: int, new: int) -> torch.Tensor:
@@ -913,25 +913,17 @@ def train_long(args, work: Path) -> dict:
     512 px pairs are resized in latent space to 48x48 and 64x64 tokens (flat colours and soft edges survive
     bilinear resizing well), one pair a step, every other step a small 256 px batch so nothing is forgotten.
     """
-    from diffusers import QwenImageTransformer2DModel
 
-    done = work / "transformer-long"
-    if (done / "config.json").exists():
-        log("long: already trained in", done)
-        return json.loads((work / "transformer-long.json").read_text())
-    data = load_data(work)
-    torch.manual_seed(args.seed + 3)
-    source = work / ("transformer-more" if (work / "transformer-more" / "config.json").exists() else "transformer")
-    model = QwenImageTransformer2DModel.from_pretrained(source).to(DEVICE)
-    ema = QwenImageTransformer2DModel.from_pretrained(source).to(DEVICE)
-    ema.requires_grad_(False)
-    start = time.time()
-    render_size_training(model, ema, data, args, "long", args.long_steps, args.seed + 3, "long")
-    figures = {"long_steps": args.long_steps, "long_seconds": round(time.time() - start, 1)}
-    ema.save_pretrained(done)
-    (work / "transformer-long.json").write_text(json.dumps(figures, indent=1))
-    log("long:", figures)
-    return figures
+    def train():
+        data = load_data(work)
+        torch.manual_seed(args.seed + 3)
+        more = (work / "transformer-more" / "config.json").exists()
+        model, ema = trained_pair(work / ("transformer-more" if more else "transformer"))
+        start = time.time()
+        render_size_training(model, ema, data, args, "long", args.long_steps, args.seed + 3, "long")
+        return ema, {"long_steps": args.long_steps, "long_seconds": round(time.time() - start, 1)}
+
+    return stage(work, "transformer-long", "long", train)
 
 
 def train_retune(args, work: Path) -> dict:
@@ -961,13 +953,8 @@ def train_retune(args, work: Path) -> dict:
                                  "unfollowed_shapes": shapes})
     figures, source = {}, work / "transformer-long"
     for number in range(1, args.retune_rounds + 1):
-        done = retuned(work, number)
-        if (done / "config.json").exists():
-            log("retune: already trained in", done)
-            figures = json.loads(done.with_name(done.name + ".json").read_text())
-        else:
-            figures = retune_round(args, work, source, number)
-        source = done
+        figures = retune_round(args, work, source, number)
+        source = retuned(work, number)
     return figures
 
 
@@ -978,30 +965,26 @@ def retuned(work: Path, number: int) -> Path:
 
 def retune_round(args, work: Path, source: Path, number: int) -> dict:
     """Round `number` of `train_retune`: from the transformer in `source`, its average saved to `retuned(work,
-    number)`. Every round draws the same pairs, sigmas and noise (the first round's seeds)."""
-    from diffusers import QwenImageTransformer2DModel
+    number)` (made before: read back). Every round draws the same pairs, sigmas and noise (the first round's
+    seeds)."""
 
-    done = retuned(work, number)
-    data = load_data(work / "separated")
-    torch.manual_seed(args.seed + 9)
-    model = QwenImageTransformer2DModel.from_pretrained(source).to(DEVICE)
-    ema = QwenImageTransformer2DModel.from_pretrained(source).to(DEVICE)
-    ema.requires_grad_(False)
-    start = time.time()
-    losses = flow_training(model, ema, data, args, "retune", args.retune_steps, args.retune_lr, 50, args.ema,
-                           args.seed + 9, "retune", weight=args.shape_weight)
-    middle = time.time()
-    model.load_state_dict(ema.state_dict())
-    render_size_training(model, ema, data, args, "retune-long", args.retune_long_steps, args.seed + 10,
-                         "retune-long")
-    figures = {"retune_steps": args.retune_steps, "retune_long_steps": args.retune_long_steps,
-               "retune_seconds": round(time.time() - start, 1), "retune_long_seconds": round(time.time() - middle, 1),
-               "retune_final_loss": round(float(np.mean(losses[-200:])), 4),
-               "retune_round": number}
-    ema.save_pretrained(done)
-    done.with_name(done.name + ".json").write_text(json.dumps(figures, indent=1))
-    log("retune:", figures)
-    return figures
+    def train():
+        data = load_data(work / "separated")
+        torch.manual_seed(args.seed + 9)
+        model, ema = trained_pair(source)
+        start = time.time()
+        losses = flow_training(model, ema, data, args, "retune", args.retune_steps, args.retune_lr, 50, args.ema,
+                               args.seed + 9, "retune", weight=args.shape_weight)
+        middle = time.time()
+        model.load_state_dict(ema.state_dict())
+        render_size_training(model, ema, data, args, "retune-long", args.retune_long_steps, args.seed + 10,
+                             "retune-long")
+        return ema, {"retune_steps": args.retune_steps, "retune_long_steps": args.retune_long_steps,
+                     "retune_seconds": round(time.time() - start, 1),
+                     "retune_long_seconds": round(time.time() - middle, 1),
+                     "retune_final_loss": round(float(np.mean(losses[-200:])), 4), "retune_round": number}
+
+    return stage(work, retuned(work, number).name, "retune", train)
 
 
 # ---------------------------------------------------------------- stage 4: assemble
@@ -1066,6 +1049,22 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def stage_runs(args, late, work: Path) -> tuple:
+    """(name, run) of every stage before `assemble`, in order; run() trains the stage (or reads what it made before)
+    and returns its figures. `late`: the arguments of stages 2-3c (their seed is --transformer-seed)."""
+
+    def data(vae: str, folder: Path | None = None, figures: bool = True) -> dict:
+        make_data(late, work, vae=vae, folder=folder)
+        return json.loads((work / "data.json").read_text()) if figures else {}
+
+    return (("vae", lambda: train_vae(args, work)), ("colour", lambda: train_colours(args, work)),
+            ("separate", lambda: separate_colours(args, work)), ("encoder", lambda: make_text_encoder(args, work)),
+            ("data", lambda: data(data_vae(args))), ("transformer", lambda: train_transformer(late, work)),
+            ("more", lambda: train_more(late, work)), ("long", lambda: train_long(late, work)),
+            ("redata", lambda: data("vae-separated", work / "separated", figures=False)),
+            ("retune", lambda: train_retune(late, work)))
 
 
 def main(argv=None) -> int:
@@ -1156,27 +1155,9 @@ def main(argv=None) -> int:
     # Stages 2-3c draw their pairs, batches and initial weights from --transformer-seed.
     late = argparse.Namespace(**{**vars(args), "seed": args.seed if args.transformer_seed is None
                                  else args.transformer_seed})
-    if "vae" in stages:
-        figures.update(train_vae(args, work))
-    if "colour" in stages:
-        figures.update(train_colours(args, work))
-    if "separate" in stages:
-        figures.update(separate_colours(args, work))
-    if "encoder" in stages:
-        figures.update(make_text_encoder(args, work))
-    if "data" in stages:
-        make_data(late, work, vae=data_vae(args))
-        figures.update(json.loads((work / "data.json").read_text()))
-    if "transformer" in stages:
-        figures.update(train_transformer(late, work))
-    if "more" in stages:
-        figures.update(train_more(late, work))
-    if "long" in stages:
-        figures.update(train_long(late, work))
-    if "redata" in stages:
-        make_data(late, work, vae="vae-separated", folder=work / "separated")
-    if "retune" in stages:
-        figures.update(train_retune(late, work))
+    for name, stage in stage_runs(args, late, work):  # in their order, whatever the order of --stages
+        if name in stages:
+            figures.update(stage())
     if "assemble" in stages:
         for name in ("vae.json", "vae-colour.json", "text_encoder.json", "data.json", "transformer.json",
                      "transformer-more.json", "transformer-long.json", "vae-separated.json",
