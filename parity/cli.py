@@ -1,7 +1,8 @@
 """`parity run PATH...`: what `pytest parity/` does, without pytest (the same options: `parity.options`).
 
 Also `parity explain` (attribution for every preview, with the measured noise floor), `parity requests` (the
-reference server's request for each preview, as JSON lines) and `parity merge-reports`.
+reference server's request for each preview, as JSON lines), `parity workflow` (a ComfyUI graph per preview, of
+stock nodes, as close to it as they allow) and `parity merge-reports`.
 """
 
 from __future__ import annotations
@@ -50,6 +51,19 @@ def parser() -> argparse.ArgumentParser:
     for name in ("model", "dtype", "device", "cache_dir", "metric"):
         setting = table.BY_NAME[name]
         p_req.add_argument(setting.cli_flag, dest=name, default=None, help=setting.help)
+    p_wf = sub.add_parser("workflow", help="a ComfyUI graph per preview, of stock nodes, as close to it as they allow",
+                          description="For each preview, render the stock ComfyUI graphs reachable from the model's "
+                                      "official template (shift node, CFGNorm, image scaling) with the ComfyUI "
+                                      "recipe, keep the closest, and write it in API and UI form with a note of its "
+                                      "distance, the template's, and what stock nodes cannot match.")
+    p_wf.add_argument("paths", nargs="+", metavar="PATH", help="case folders or folders holding them")
+    p_wf.add_argument("--out", type=Path, default=Path("reports") / "workflows", help="where the graphs go")
+    for flag, what in (("--unet", "diffusion model"), ("--clip", "text encoder"), ("--vae", "VAE")):
+        p_wf.add_argument(flag, default=None, help=f"the {what} file name in your ComfyUI (default: the name "
+                                                   f"scripts/record-comfyui gives the case's model)")
+    for name in ("model", "dtype", "device", "cache_dir", "metric"):
+        setting = table.BY_NAME[name]
+        p_wf.add_argument(setting.cli_flag, dest=name, default=None, help=setting.help)
     p_merge = sub.add_parser("merge-reports", help="one CSV, JSON and HTML report from shard report folders")
     p_merge.add_argument("dirs", nargs="+", type=Path, help="report folders written by sharded runs")
     p_merge.add_argument("--out", type=Path, default=Path("reports"))
@@ -65,11 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         paths = merge_reports(args.dirs, args.out)
         print(f"merged {len(args.dirs)} report folders -> {paths['html']}")
         return 0
-    if args.command == "requests":
+    if args.command in ("requests", "workflow"):
         try:
-            return requests(args, table.from_argparse(args))
+            options = table.from_argparse(args, **({"reference": "comfyui"} if args.command == "workflow" else {}))
         except OptionError as exc:
             top.error(str(exc))
+        return requests(args, options) if args.command == "requests" else workflows(args, options)
     try:
         if args.command == "explain":
             options = table.from_argparse(args, explain="all", noise_floor=not args.no_measured_floor)
@@ -160,6 +175,32 @@ def requests(args, options) -> int:
         print(f"no request: {problem}", file=sys.stderr)
     print(f"{written} requests" + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
     return 0 if written and not [t for t in tasks if t.error and "skipped" not in t.notes] else 1
+
+
+def workflows(args, options) -> int:
+    """`parity workflow`: per preview, the closest stock graph (engines/comfyui/export.py) in --out/<case>/."""
+    from dataclasses import replace
+
+    from .attribution import distance
+    from .engines.comfyui import export
+    from .preview_file import open_preview, preview_encoder
+
+    set_threads()
+    checker = Checker(replace(options, metrics=()))
+    tasks = plan(options)
+    for task in tasks:
+        if task.error or task.reference is None:
+            print(f"no graph: {task.id}: {task.error or 'no recipe'}", file=sys.stderr)
+            continue
+        preview, encode = open_preview(task.preview), preview_encoder(task.preview)
+        choice = export.choose(task.reference, task.training, lambda r: distance(
+            preview, checker.render(r, task.model)[0], encode, options.metric))
+        names = export.default_names(task.model, task.reference.control_images_vae)
+        names = replace(names, **{k: getattr(args, k) for k in ("unet", "clip", "vae") if getattr(args, k)})
+        note = export.write(choice, task.training, names, args.out / task.case, task.preview.stem)
+        print(f"{task.id}: {note['chosen']}: {options.metric} {choice.distance:.4g} (template "
+              f"{choice.template_distance:.4g}) -> {args.out / task.case / task.preview.stem}.api.json")
+    return 0
 
 
 def shown(distance: float | None) -> str:
