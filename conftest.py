@@ -103,3 +103,24 @@ def fast_root(tmp_path) -> Path:
     (case / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     (case / "parity.yaml").write_text(f"model: {TINY_MODEL.resolve()}\n")
     return root
+
+
+COMFYUI_TREE = ROOT / ".comfyui" / "ComfyUI"  # scripts/get-comfyui: the pinned ComfyUI and its venv
+COMFYUI_PYTHON = ROOT / ".venv-comfyui" / "bin" / "python"
+needs_comfyui = pytest.mark.skipif(not COMFYUI_TREE.is_dir() or not COMFYUI_PYTHON.exists(),
+                                   reason="ComfyUI's tree or its venv is absent (scripts/get-comfyui)")
+
+
+def run_in_comfyui(body: str, timeout: float = 300):
+    """Run `body` in the pinned ComfyUI's venv with its tree importable and its argument parser given `--cpu`;
+    `body` prints one line `RESULT <json>`, which is returned decoded."""
+    import json
+    import subprocess
+
+    script = (f"import json, sys\nsys.path.insert(0, {str(COMFYUI_TREE)!r})\nsys.argv = [sys.argv[0], '--cpu']\n"
+              f"import comfy.options\ncomfy.options.enable_args_parsing()\n{body}")
+    done = subprocess.run([str(COMFYUI_PYTHON), "-c", script], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line, done.stderr[-3000:]
+    return json.loads(line[len("RESULT "):])

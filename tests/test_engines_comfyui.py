@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import CASES, ROOT
+from conftest import CASES, ROOT, needs_comfyui, run_in_comfyui
 from parity import options as opts
 from parity import pipeline, render
 from parity.engines import comfyui
@@ -30,8 +29,6 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 CASE = CASES / "workspace" / "aitk" / "output" / "demo_qwen_image_2512_lora"
 RECORDED = CASES / "workspace" / "comfyui" / "demo_qwen_image_2512_lora"
-COMFYUI = ROOT / ".comfyui" / "ComfyUI"
-COMFYUI_PYTHON = ROOT / ".venv-comfyui" / "bin" / "python"
 
 
 @pytest.fixture(scope="module")
@@ -117,18 +114,12 @@ def test_each_new_field_renders_on_its_own(tasks):
             assert moved < 0.01, (field, moved)  # equal in exact arithmetic; fp32 rounding only
 
 
-@pytest.mark.skipif(not COMFYUI.is_dir() or not COMFYUI_PYTHON.exists(),
-                    reason="ComfyUI's tree or its venv is absent (scripts/get-comfyui)")
+@needs_comfyui
 def test_sigmas_equal_comfyuis_own_code():
     """ComfyUI's ModelSamplingDiscreteFlow (as ModelSamplingAuraFlow patches it) and simple_scheduler, run in its
     own venv, against engines/comfyui.simple_sigmas, bit for bit."""
     cases = [(shift, steps) for shift in (3.1, 3.0, 1.0, 2.5, 1.15) for steps in (1, 3, 4, 7, 20, 50)]
-    script = f"""
-import json, sys
-sys.path.insert(0, {str(COMFYUI)!r})
-sys.argv = [sys.argv[0], "--cpu"]
-import comfy.options
-comfy.options.enable_args_parsing()
+    theirs = run_in_comfyui(f"""
 import comfy.samplers
 from comfy.model_sampling import CONST, ModelSamplingDiscreteFlow
 class Sampling(ModelSamplingDiscreteFlow, CONST):
@@ -138,13 +129,8 @@ for shift, steps in {cases!r}:
     m = Sampling()
     m.set_parameters(shift=shift, multiplier=1.0)
     out.append(comfy.samplers.simple_scheduler(m, steps).tolist())
-print("SIGMAS " + json.dumps(out))
-"""
-    done = subprocess.run([str(COMFYUI_PYTHON), "-c", script], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300)
-    line = next((x for x in done.stdout.splitlines() if x.startswith("SIGMAS ")), None)
-    assert line, done.stderr[-2000:]
-    theirs = json.loads(line[len("SIGMAS "):])
+print("RESULT " + json.dumps(out))
+""")
     for (shift, steps), want in zip(cases, theirs):
         assert comfyui.simple_sigmas(shift, steps).tolist() == want, (shift, steps)
 

@@ -4,12 +4,11 @@ they pass the pinned ComfyUI's own prompt validation, and `parity workflow` keep
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import CASES, ROOT
+from conftest import CASES, ROOT, needs_comfyui, run_in_comfyui
 from parity import options as opts
 from parity.engines.comfyui import export, workflow
 from parity.plan import plan
@@ -17,8 +16,6 @@ from parity.plan import plan
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 OUTPUT = CASES / "workspace" / "aitk" / "output"
-COMFYUI = ROOT / ".comfyui" / "ComfyUI"
-COMFYUI_PYTHON = ROOT / ".venv-comfyui" / "bin" / "python"
 GRAPH_FIELDS = ("width", "height", "steps", "sigma_schedule", "guidance", "cfg_norm", "seed", "prompt",
                 "negative_prompt", "control_crop", "lora", "multiplier", "control_images_vae")
 
@@ -84,8 +81,7 @@ def test_choose_keeps_the_closest_and_starts_from_the_template(first_previews):
     assert choice.distance == 2.0 and "flux" in choice.recipe.sigma_schedule and not choice.recipe.cfg_norm
 
 
-@pytest.mark.skipif(not COMFYUI.is_dir() or not COMFYUI_PYTHON.exists(),
-                    reason="ComfyUI's tree or its venv is absent (scripts/get-comfyui)")
+@needs_comfyui
 def test_exported_graphs_pass_comfyuis_prompt_validation(first_previews, tmp_path):
     """Every candidate graph of every bundled case passes the pinned ComfyUI's execution.validate_prompt (node
     classes, input names, types and ranges, file names in its model and input folders: the files are empty
@@ -109,12 +105,8 @@ def test_exported_graphs_pass_comfyuis_prompt_validation(first_previews, tmp_pat
     for image in images:
         (tmp_path / "input" / Path(image).name).write_bytes(Path(image).read_bytes())
     (tmp_path / "graphs.json").write_text(json.dumps(graphs))
-    script = f"""
-import asyncio, json, sys
-sys.path.insert(0, {str(COMFYUI)!r})
-sys.argv = [sys.argv[0], "--cpu"]
-import comfy.options
-comfy.options.enable_args_parsing()
+    results = run_in_comfyui(f"""
+import asyncio
 import utils.extra_config
 import folder_paths, nodes, execution
 root = {str(tmp_path)!r}
@@ -126,13 +118,8 @@ out = []
 for graph in json.load(open(root + "/graphs.json")):
     valid = asyncio.run(execution.validate_prompt("check", graph, None))
     out.append([bool(valid[0]), str(valid[1]), str(valid[3])[:500]])
-print("VALID " + json.dumps(out))
-"""
-    done = subprocess.run([str(COMFYUI_PYTHON), "-c", script], capture_output=True, text=True, cwd=ROOT,
-                          timeout=600)
-    line = next((x for x in done.stdout.splitlines() if x.startswith("VALID ")), None)
-    assert line, done.stderr[-3000:]
-    results = json.loads(line[len("VALID "):])
+print("RESULT " + json.dumps(out))
+""", timeout=600)
     assert len(results) == len(graphs)
     bad = [(i, r) for i, r in enumerate(results) if not r[0]]
     assert not bad, bad[:3]
