@@ -29,3 +29,11 @@ VISION_COMFY = "window order, 3-D positions (ComfyUI Qwen25_7BVLI)"
 # Where the reference latents sit in the transformer's rotary positions.
 REFERENCES_DIFFUSERS = "frame index; odd sides from -(n+1)/2; text after the largest grid (Diffusers QwenEmbedRope)"
 REFERENCES_COMFY = "index: frame index; sides centred at n//2; text after the target (ComfyUI)"
+
+# ComfyUI's fp8 weight dtypes as `precision` qtypes (parity/fp8.py, issue 46 point 4), and how ComfyUI merges a LoRA
+# into an fp8 model: the fp8 weight plus m*B@A in fp32, rounded back to fp8 stochastically (model_patcher, seeded by
+# the weight's key).
+QTYPE_FP8 = "fp8_e4m3fn"  # transformer: the official *_fp8_e4m3fn files, or UNETLoader weight_dtype fp8_e4m3fn
+QTYPE_FP8_SCALED = "fp8_scaled"  # text_encoder: qwen_2.5_vl_7b_fp8_scaled (fp8 weights, per-tensor float32 scale)
+PRECISION_COMFY_FP8 = f"transformer:{QTYPE_FP8} text_encoder:{QTYPE_FP8_SCALED}"  # ComfyUI's default Qwen graphs
+LORA_MERGED_FP8 = "merged/fp32, stochastic rounding to fp8 (ComfyUI)"

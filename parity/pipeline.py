@@ -20,7 +20,7 @@ from .kernels import bf16_conv_mode
 from .precision import Precision
 from .precision import apply as apply_precision
 from .preflight import LORA_PREFIX, locate_model
-from .forms import LORA_FUSED, LORA_MERGED_FP32, LORA_PEFT, LORA_RUNTIME_FP32
+from .forms import LORA_FUSED, LORA_MERGED_FP8, LORA_MERGED_FP32, LORA_PEFT, LORA_RUNTIME_FP32, QTYPE_FP8
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
           "float16": torch.float16, "fp16": torch.float16}
@@ -133,7 +133,7 @@ class LoadedModel:
             self._peft_off()
             yield
             return
-        if self.offload == "sequential" and how in (LORA_MERGED_FP32, LORA_FUSED):
+        if self.offload == "sequential" and how in (LORA_MERGED_FP32, LORA_FUSED, LORA_MERGED_FP8):
             raise NotRenderable(f"a {how} LoRA with sequential offload (the weights wait on the meta device and each "
                                 f"layer's forward belongs to accelerate): use --parity-offload model or group")
         if how == LORA_PEFT and self.precision is None:
@@ -145,7 +145,13 @@ class LoadedModel:
         if how == LORA_PEFT:  # PEFT cannot load into optimum-quanto layers: its forward, as hooks
             with peft_like_lora(self.transformer, state, multiplier):
                 yield
-        elif how == LORA_MERGED_FP32 and self.precision is not None:
+        elif how == LORA_MERGED_FP8:
+            if self.precision is None or not self.precision.fp8_transformer:
+                raise NotRenderable(f"a {how} LoRA needs ComfyUI's fp8 transformer (precision "
+                                    f"`transformer:{QTYPE_FP8}`): on any other base nothing rounds to fp8")
+            with fp8_merged_lora(self.transformer, state, multiplier, self.device):
+                yield
+        elif how == LORA_MERGED_FP32 and self.precision is not None and self.precision.aitk_quantized:
             raise NotRenderable("a LoRA merged into a quantized base (ai-toolkit never merges on one)")
         elif how == LORA_RUNTIME_FP32:
             with runtime_lora(self.transformer, state, multiplier):
@@ -346,6 +352,36 @@ def merged_lora(transformer, state, multiplier: float):
         return (w.to(torch.float32) + multiplier * (up @ down)).to(w.dtype)
 
     return weight_lora(transformer, state, weight_for, factor_dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def fp8_merged_lora(transformer, state, multiplier: float, device: str | torch.device):
+    """ComfyUI's LoRA on its fp8 diffusion model (forms.LORA_MERGED_FP8): each Linear the LoRA names runs on
+    fp8.merge_lora's weight, the fp8 weight plus multiplier * B @ A in fp32 (as merged_lora computes the sum),
+    stochastically rounded back to float8_e4m3fn with the seed of its ComfyUI key, computed on the render `device`
+    (whose random stream ComfyUI's rounding draws from). The merged weights are made once, layer by layer, and kept
+    in fp8 (one byte per element of the covered layers: ComfyUI itself keeps a full backup of every patched weight);
+    each forward casts its weight to the layer's dtype, exactly, as ComfyUI's manual_cast does. The base's own
+    (fp8-rounded) weights are never changed, so after the render the layers are as they were, bit for bit."""
+    from . import fp8
+
+    modules = linear_layers(transformer)
+    layers = []
+    try:
+        for name, (a, b) in state.items():
+            layer = modules[name]
+            merged = OnDevice(fp8.merge_lora(layer.weight, a, b, multiplier, name, device).to(layer.weight.device))
+
+            def forward(x, layer=layer, merged=merged):
+                w = layer.weight
+                return torch.nn.functional.linear(x, merged.to(w.device).to(w.dtype), layer.bias)
+
+            layer.forward = forward  # shadows the class's forward on this instance only
+            layers.append(layer)
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 _MODELS: dict[tuple, LoadedModel] = {}  # at most one: a second base model is never resident beside the first

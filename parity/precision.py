@@ -14,9 +14,18 @@ shared/research/aitk-quantization.md) builds that base as follows, and so does `
   model's dtype, is added to their output at every forward. It is attached here, at load time, so the user's
   LoRA (added per render) comes after it, as ai-toolkit chains them.
 
+ComfyUI's fp8 weight dtypes (parity.fp8; issue 46 point 4) are further values, for ComfyUI recipes:
+
+- transformer `fp8_e4m3fn` (UNETLoader weight_dtype fp8_e4m3fn, or the official `*_fp8_e4m3fn` files): every
+  parameter of the transformer rounded to its float8_e4m3fn value in place, as ComfyUI stores the model in fp8 and
+  casts each weight for its matmul (exact in bf16 and fp32). A LoRA on it merges as forms.LORA_MERGED_FP8.
+- text_encoder `fp8_scaled` (`qwen_2.5_vl_7b_fp8_scaled`): each Linear of the language model and the vision tower a
+  fp8.ScaledFP8Linear (fp8 weight, float32 per-tensor scale assumed absmax/448, fp8 bias), as ComfyUI computes it.
+
 Quantizing goes one layer at a time in place, so it never holds two copies of the model. The quantized layers are
 kept in the on-disk cache (keyed by the model's files, the qtype and the ARA's content), so a later process or
-run reads them instead of quantizing again.
+run reads them instead of quantizing again. The fp8 roundings are not kept on disk: an elementwise cast of the
+loaded weights, quicker than reading them back.
 """
 
 from __future__ import annotations
@@ -27,7 +36,9 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
+from . import fp8
 from .errors import NotRenderable
+from .forms import QTYPE_FP8, QTYPE_FP8_SCALED
 from .recipe import quantization_parts
 from .quantize import uintx_applies, uintx_bits, uintx_weight
 
@@ -35,6 +46,8 @@ ARA_PREFIX = "diffusion_model."  # ai-toolkit's key prefix, "transformer." once 
 # optimum-quanto's names (ai-toolkit's get_qtype reads quanto's `qtypes` by the config's string)
 QUANTO_QTYPES = ("qfloat8", "qfloat8_e4m3fn", "qfloat8_e4m3fnuz", "qfloat8_e5m2", "qint8", "qint4", "qint2")
 TORCHAO_QTYPES = ("int8", "float8")  # ai-toolkit's layer-offloading rewrite (torchao 0.10.0): not reproduced
+# ComfyUI's fp8 weight dtypes (parity.fp8), per component: fp8 storage cast per matmul; scaled fp8 (text encoder file)
+COMFY_QTYPES = {"transformer": (QTYPE_FP8,), "text_encoder": (QTYPE_FP8_SCALED,)}
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,17 @@ class Precision:
     @property
     def key(self) -> tuple:
         return (self.transformer, self.text_encoder, self.ara_digest)
+
+    @property
+    def aitk_quantized(self) -> bool:
+        """A component in one of ai-toolkit's quantizations (optimum-quanto, uintN, an ARA), not only ComfyUI's fp8."""
+        comfy = {q for qtypes in COMFY_QTYPES.values() for q in qtypes}
+        return bool(self.ara_digest) or any(q and q not in comfy for q in (self.transformer, self.text_encoder))
+
+    @property
+    def fp8_transformer(self) -> bool:
+        """The transformer's weights are ComfyUI's float8_e4m3fn (a LoRA merges into it as LORA_MERGED_FP8)."""
+        return self.transformer == QTYPE_FP8
 
     def describe(self) -> str:
         parts = []
@@ -83,7 +107,7 @@ def parse(precision: str, ara_file: str | None = None) -> Precision | None:
 
 
 def check_qtype(component: str, qtype: str, with_ara: bool) -> None:
-    if qtype in QUANTO_QTYPES:
+    if qtype in QUANTO_QTYPES or qtype in COMFY_QTYPES[component]:
         if with_ara:
             raise NotRenderable(f"an ARA with {qtype} is not reproduced (ai-toolkit's ARA runs pair with uint2-uint7)")
         return
@@ -93,7 +117,8 @@ def check_qtype(component: str, qtype: str, with_ara: bool) -> None:
         raise NotRenderable(f"{component} {qtype}: torchao's weight-only {qtype} (ai-toolkit's layer offloading) is "
                             f"not reproduced; set layer_offloading off, or compare with the reference only")
     raise NotRenderable(f"{component} quantization {qtype!r} is not reproduced (reproduced: "
-                        f"{', '.join(QUANTO_QTYPES)} through optimum-quanto; uint2-uint8 on the transformer)")
+                        f"{', '.join(QUANTO_QTYPES)} through optimum-quanto; uint2-uint8 on the transformer; "
+                        f"ComfyUI's transformer {QTYPE_FP8} and text_encoder {QTYPE_FP8_SCALED})")
 
 
 def linear_names(module: torch.nn.Module) -> list[str]:
@@ -153,7 +178,9 @@ def apply(pipe, precision: Precision, cache=None, identity: dict | None = None) 
         if ara:
             attach_ara(pipe.transformer, ara)
             counts["ara"] = len(ara)
-    if precision.text_encoder:
+    if precision.text_encoder == QTYPE_FP8_SCALED:
+        counts["text_encoder"] = fp8.scale_text_encoder(pipe.text_encoder, return_freed_memory)
+    elif precision.text_encoder:
         counts["text_encoder"] = quantize_quanto(pipe.text_encoder, precision.text_encoder,
                                                  layer_groups(pipe.text_encoder), cache,
                                                  cache_name("text_encoder", precision.text_encoder, None, identity))
@@ -173,6 +200,8 @@ def cache_name(component: str, qtype: str, ara_digest: str | None, identity: dic
 
 def quantize_transformer(transformer, precision: Precision, ara, cache, identity) -> int:
     qtype = precision.transformer
+    if qtype == QTYPE_FP8:  # ComfyUI's fp8 model: every parameter, one at a time (not cached: a cast is quicker)
+        return fp8.round_transformer(transformer, return_freed_memory)
     name = cache_name("transformer", qtype, precision.ara_digest, identity)
     if qtype in QUANTO_QTYPES:
         # the blocks one by one, then what is outside them (img_in, txt_in, time embedding, norm_out, proj_out)
