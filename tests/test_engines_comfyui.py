@@ -116,23 +116,29 @@ def test_each_new_field_renders_on_its_own(tasks):
 
 @needs_comfyui
 def test_sigmas_equal_comfyuis_own_code():
-    """ComfyUI's ModelSamplingDiscreteFlow (as ModelSamplingAuraFlow patches it) and simple_scheduler, run in its
-    own venv, against engines/comfyui.simple_sigmas, bit for bit."""
+    """ComfyUI's ModelSamplingDiscreteFlow (as ModelSamplingAuraFlow patches it), ModelSamplingFlux (the
+    ModelSamplingFlux node, and Qwen's own default at mu 1.15) and simple_scheduler, run in its own venv, against
+    the harness's sigmas for `static shift S` and `flux shift mu M`, bit for bit."""
+    from parity.engines.comfyui.sampling import flux_text
+
     cases = [(shift, steps) for shift in (3.1, 3.0, 1.0, 2.5, 1.15) for steps in (1, 3, 4, 7, 20, 50)]
     theirs = run_in_comfyui(f"""
 import comfy.samplers
-from comfy.model_sampling import CONST, ModelSamplingDiscreteFlow
+from comfy.model_sampling import CONST, ModelSamplingDiscreteFlow, ModelSamplingFlux
 class Sampling(ModelSamplingDiscreteFlow, CONST):
+    pass
+class Flux(ModelSamplingFlux, CONST):
     pass
 out = []
 for shift, steps in {cases!r}:
-    m = Sampling()
-    m.set_parameters(shift=shift, multiplier=1.0)
-    out.append(comfy.samplers.simple_scheduler(m, steps).tolist())
+    for m in (Sampling(), Flux()):
+        m.set_parameters(shift=shift, **({{"multiplier": 1.0}} if isinstance(m, Sampling) else {{}}))
+        out.append(comfy.samplers.simple_scheduler(m, steps).tolist())
 print("RESULT " + json.dumps(out))
 """)
-    for (shift, steps), want in zip(cases, theirs):
-        assert comfyui.simple_sigmas(shift, steps).tolist() == want, (shift, steps)
+    for (shift, steps), aura, flux in zip(cases, theirs[0::2], theirs[1::2]):
+        assert comfyui.simple_sigmas(shift, steps).tolist() == aura, (shift, steps)
+        assert comfyui.sigmas(flux_text(shift), steps).tolist() == flux, (shift, steps)
 
 
 def test_the_reference_option():
