@@ -52,6 +52,9 @@ class Options:
     server_local: bool = False  # also render the server's request here and compare it with the server's image
     reference: str = "server"  # the reference engine whose recipe is rendered: server | comfyui (parity/engines/)
     workflow: Path | None = None  # a user's ComfyUI graph: the reference recipe of every preview (implies comfyui)
+    comfyui: str | None = None  # a running ComfyUI's URL: it runs each preview's graph, its image is the reference
+    comfyui_timeout: float = 600.0  # seconds to wait for ComfyUI's image of one preview
+    comfyui_local: bool = False  # also render the ComfyUI recipe here and compare it with ComfyUI's image
 
 
 class OptionError(ValueError):
@@ -140,6 +143,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server_timeout", "seconds to wait for the server's image of one preview", "600", "float"),
     Setting("server_local", "with --parity-server: also render the request here and compare it with the server's "
             "image (how closely the harness models the server)", "false", "flag"),
+    Setting("comfyui", "a running ComfyUI's URL: each preview's ComfyUI recipe (--parity-reference comfyui, or "
+            "--parity-workflow) is queued there as a graph of stock nodes and its image is the reference render; "
+            "nothing is sent anywhere else (implies --parity-reference comfyui)", "",
+            shown_default="(none: render locally)"),
+    Setting("comfyui_timeout", "seconds to wait for ComfyUI's image of one preview", "600", "float"),
+    Setting("comfyui_local", "with --parity-comfyui: also render the recipe here and compare it with ComfyUI's "
+            "image (how closely the harness models that ComfyUI)", "false", "flag"),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -228,6 +238,15 @@ def build(raw: dict[str, object], root: Path, flag=lambda s: s.flag, **fixed) ->
     if values["server"] and values["reference"] != "server":
         raise OptionError(f"{flag(BY_NAME['reference'])}: {values['reference']!r} renders the reference here, and "
                           f"{flag(BY_NAME['server'])} takes it from the server (use one of them)")
+    values["comfyui_timeout"] = values["comfyui_timeout"] or 600.0
+    if values["comfyui"]:
+        if not str(values["comfyui"]).startswith(("http://", "https://")):
+            raise OptionError(f"{flag(BY_NAME['comfyui'])}: {values['comfyui']!r} is not an http(s) URL "
+                              f"(e.g. http://127.0.0.1:8188)")
+        if values["server"]:
+            raise OptionError(f"{flag(BY_NAME['comfyui'])}: the reference comes from ComfyUI, and "
+                              f"{flag(BY_NAME['server'])} takes it from the reference server (use one of them)")
+        values["reference"] = "comfyui"
     if values["workflow"]:
         values["reference"] = "comfyui"
         _check_workflow(values["workflow"], flag(BY_NAME["workflow"]), values["server"])

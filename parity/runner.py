@@ -81,6 +81,10 @@ class Checker:
             from .server_mode import ServerMode
 
             self.server = ServerMode(options, self.render, self.images)
+        elif options.comfyui:  # --parity-comfyui: the reference images come from a running ComfyUI
+            from .comfyui_mode import ComfyUIMode
+
+            self.server = ComfyUIMode(options, self.render, self.images)
 
     def render(self, recipe: Recipe, model: str) -> tuple[Image.Image, float]:
         return self.renders.get(recipe, model)
@@ -98,7 +102,7 @@ class Checker:
         for task in tasks:
             if task.error or task.reference is None:
                 continue
-            if self.server is None or self.options.server_local:
+            if self.server is None or self.server.local:
                 jobs.append((task.reference, task.model))
             if self.options.training == "always" and not task.training_problem:
                 jobs.append((task.training, task.model))
