@@ -115,11 +115,9 @@ def text_encoder_linears(text_encoder: torch.nn.Module) -> list[tuple[str, torch
 @torch.no_grad()
 def scale_text_encoder(text_encoder: torch.nn.Module, after_layer=None) -> int:
     """Every Linear ComfyUI's scaled-fp8 text encoder has (`text_encoder_linears`) made a ScaledFP8Linear, one layer
-    at a time. The plain parameters are copied into memory of their own first (precision.own_plain_parameters,
-    `lm_head` too), so that the model's file is unmapped once its last Linear is replaced. Returns the count."""
-    from .precision import own_plain_parameters
-
-    own_plain_parameters(text_encoder)
+    at a time. The caller has copied the plain parameters into memory of their own (precision.own_plain_parameters;
+    `lm_head` is copied here), so that the model's file is unmapped once its last Linear is replaced. Returns the
+    count."""
     layers = text_encoder_linears(text_encoder)
     kept = {id(m) for _, m in layers}
     for module in text_encoder.modules():  # lm_head: a Linear that stays as loaded

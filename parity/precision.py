@@ -179,6 +179,7 @@ def apply(pipe, precision: Precision, cache=None, identity: dict | None = None) 
             attach_ara(pipe.transformer, ara)
             counts["ara"] = len(ara)
     if precision.text_encoder == QTYPE_FP8_SCALED:
+        own_plain_parameters(pipe.text_encoder)
         counts["text_encoder"] = fp8.scale_text_encoder(pipe.text_encoder, return_freed_memory)
     elif precision.text_encoder:
         counts["text_encoder"] = quantize_quanto(pipe.text_encoder, precision.text_encoder,

@@ -29,9 +29,9 @@ from .preprocess import COMFY_AREAS, VAE_RESIZE, VAE_RULES, UnknownRule, prompt_
 from .engines import comfyui
 from .engines.comfyui import conditioning
 from .engines.comfyui.sampling import sample_x0
-from .forms import (CFG_V, CFG_X0, CROP_KONTEXT, CROP_NONE, CROP_TOTAL_PIXELS, LORA_MERGED_FP32, NOISE_DIFFUSERS,
-                    PIXELS_ROUND,
-                    REFERENCES_COMFY, REFERENCES_DIFFUSERS, SIGMAS_DIFFUSERS, VISION_COMFY, VISION_DIFFUSERS)
+from .forms import (CFG_V, CFG_X0, CROP_KONTEXT, CROP_NONE, CROP_TOTAL_PIXELS, LORA_MERGED_FP8, LORA_MERGED_FP32,
+                    NOISE_DIFFUSERS, PIXELS_ROUND, REFERENCES_COMFY, REFERENCES_DIFFUSERS, SIGMAS_DIFFUSERS, VISION_COMFY,
+                    VISION_DIFFUSERS)
 from .recipe import Recipe
 
 
@@ -245,7 +245,8 @@ def lora_to_apply(loaded: LoadedModel, recipe: Recipe) -> tuple[str | None, floa
     loras = ([(recipe.lora, recipe.multiplier)] if recipe.lora else []) + list(recipe.extra_loras)
     folder = loaded.disk_cache.folder if loaded.disk_cache is not None else Path(tempfile.gettempdir()) / "parity"
     params = [name for name, _ in loaded.pipe.transformer.named_parameters()]
-    how = recipe.lora_application if recipe.lora else LORA_MERGED_FP32
+    fp8 = "transformer:fp8_e4m3fn" in recipe.precision  # ComfyUI merges into fp8 weights, rounding stochastically
+    how = recipe.lora_application if recipe.lora else LORA_MERGED_FP8 if fp8 else LORA_MERGED_FP32
     return stacked_file(loras, params, Path(folder) / "lora-stacks"), 1.0, how
 
 

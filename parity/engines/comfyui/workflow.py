@@ -15,7 +15,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...forms import CROP_KONTEXT, CROP_NONE, CROP_TOTAL_PIXELS, LORA_MERGED_FP32, LORA_NONE
+from ...forms import (CROP_KONTEXT, CROP_NONE, CROP_TOTAL_PIXELS, LORA_MERGED_FP8, LORA_MERGED_FP32,
+                      LORA_NONE)
 from ...recipe import Recipe
 from .sampling import flux_mu, flux_text, schedule_text
 
@@ -52,7 +53,6 @@ NOT_NODES = {"Note", "MarkdownNote"}  # UI annotations
 SAMPLERS = ("KSampler",)
 # weight_dtype of UNETLoader -> the recipe's transformer precision (ComfyUI computes on the stored fp8 weights)
 WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": "fp8_e4m3fn", "fp8_e4m3fn_fast": "fp8_e4m3fn"}
-LORA_MERGED_FP8 = "merged/fp32, stochastic rounding to fp8 (ComfyUI)"  # parity/forms.py holds the renderer's name
 
 
 class WorkflowError(ValueError):
