@@ -46,10 +46,7 @@ def to_frame(records: list[dict]) -> pd.DataFrame:
     """The CSV's table: every column of columns.py in its order (empty where no record has it), then any other
     key a record carries, sorted by name."""
     frame = pd.DataFrame.from_records(records)
-    for col in COLUMNS:
-        if col not in frame:
-            frame[col] = None
-    return frame[ordered(COLUMNS + list(frame.columns))]
+    return frame.reindex(columns=ordered(COLUMNS + list(frame.columns)))  # one step: no fragmented frame
 
 
 def write_reports(records: list[dict], folder: Path, env: dict) -> dict[str, Path]:
