@@ -269,7 +269,8 @@ class ComfyUISide:
         from . import export
 
         try:
-            return export.api_graph(task.reference, names_for(task, self.workflow), prefix=f"parity_{task.preview.stem}")
+            names = names_for(task, self.workflow)
+            return export.api_graph(task.reference, names, prefix=f"parity_{task.preview.stem}")
         except ValueError as exc:  # a recipe no stock node sets (e.g. a sigma schedule)
             raise ComfyUIError(f"no ComfyUI graph for {task.id}: {exc}") from None
 
