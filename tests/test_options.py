@@ -20,10 +20,14 @@ VALUES = {"cases": ["a", "b"], "report_dir": "rep", "report_images": "lossless",
           "noise_floor": True, "floor": "0.25", "metrics": "stlpips_alex", "lpips_weights": "/w/alexnet.pth",
           "goldens": "gold", "update_goldens": True, "accept": "cfg_norm control_prompt_resize",
           "deterministic": True, "shard": "2/3", "training": "failed", "offload": "model",
-          "server": "http://127.0.0.1:8765", "server_timeout": "90", "server_local": True, "reference": "comfyui"}
-# --parity-server takes the reference image from a server, --parity-reference comfyui renders ComfyUI's here: the
-# two exclude each other, so the values are given in two runs, each without one of them.
-EXCLUSIVE = ({"reference": "server"}, {"server": "", "server_local": False})
+          "server": "http://127.0.0.1:8765", "server_timeout": "90", "server_local": True, "reference": "comfyui",
+          "workflow": "graph.json", "comfyui": "http://127.0.0.1:8188", "comfyui_timeout": "45", "comfyui_local": True}
+# --parity-server takes the reference image from a server; --parity-reference comfyui, --parity-workflow and
+# --parity-comfyui make it ComfyUI's: they exclude each other, so the values are given in two runs.
+EXCLUSIVE = ({"reference": "server", "workflow": "", "comfyui": "", "comfyui_local": False},
+             {"server": "", "server_local": False})
+GRAPH = Path(__file__).parents[1] / "cases" / "workspace" / "comfyui" / "demo_qwen_image_2512_lora" / \
+    "1796526733905__000000000_0.graph.json"
 
 
 def test_every_setting_has_a_test_value():
@@ -53,6 +57,7 @@ class FakeConfig:
 
 
 def test_both_front_ends_give_the_same_options(tmp_path):
+    (tmp_path / VALUES["workflow"]).write_text(GRAPH.read_text())  # --parity-workflow reads its graph at once
     defaults = table.build({}, tmp_path)
     changed = set()
     for without in EXCLUSIVE:
