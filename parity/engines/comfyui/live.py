@@ -24,9 +24,9 @@ from pathlib import Path, PureWindowsPath
 
 from PIL import Image
 
+from ..http import HttpClient
 from ..server.client import ServerError
 
-RETRIES = 2  # a refused or dropped connection: tried again twice, a second apart
 POLL_SECONDS = 0.25
 # loader class -> (its file input, the folder under ComfyUI's models/ it lists)
 LOADERS = {"UNETLoader": ("unet_name", "diffusion_models"), "CLIPLoader": ("clip_name", "text_encoders"),
@@ -94,34 +94,12 @@ def _base(name: str) -> str:
     return PureWindowsPath(name).name  # splits on / and \ (ComfyUI on Windows lists sub\\name.safetensors)
 
 
-class Client:
+class Client(HttpClient):
     def __init__(self, url: str, timeout: float = 600.0, transport=None):
-        import httpx
-
-        self.url = url.rstrip("/")
-        self.timeout = timeout
-        self.http = httpx.Client(base_url=self.url, timeout=30.0, transport=transport)
+        super().__init__(url, timeout, transport, ComfyUIError, "ComfyUI")
         self.client_id = uuid.uuid4().hex
         self._listed: dict[str, list[str]] = {}  # loader class -> the files ComfyUI lists for it (once per run)
         self._uploaded: dict[str, str] = {}  # control image digest -> its name in ComfyUI's input folder
-
-    def close(self) -> None:
-        self.http.close()
-
-    def _call(self, method: str, path: str, **kw):
-        import httpx
-
-        for attempt in range(RETRIES + 1):
-            try:
-                return self.http.request(method, path, **kw)
-            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as exc:
-                if attempt == RETRIES:
-                    raise ComfyUIError(f"ComfyUI {self.url} cannot be reached ({exc.__class__.__name__}: {exc}); is "
-                                       f"it running? (tried {RETRIES + 1} times)") from None
-                time.sleep(1.0)
-            except httpx.TimeoutException as exc:
-                raise ComfyUIError(f"ComfyUI {self.url} did not answer {method} {path} in 30 s "
-                                   f"({exc.__class__.__name__})") from None
 
     def _ok(self, response, what: str):
         if response.status_code != 200:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from PIL import Image
 
-RETRIES = 2  # a refused or dropped connection: tried again twice, a second apart
+from ..http import HttpClient
+
 POLL_SECONDS = 0.5
 
 
@@ -48,31 +49,9 @@ def _message(response) -> str:
     return str(detail)[:300]
 
 
-class Client:
+class Client(HttpClient):
     def __init__(self, url: str, timeout: float = 600.0, transport=None):
-        import httpx
-
-        self.url = url.rstrip("/")
-        self.timeout = timeout
-        self.http = httpx.Client(base_url=self.url, timeout=30.0, transport=transport)
-
-    def close(self) -> None:
-        self.http.close()
-
-    def _call(self, method: str, path: str, **kw):
-        import httpx
-
-        for attempt in range(RETRIES + 1):
-            try:
-                return self.http.request(method, path, **kw)
-            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as exc:
-                if attempt == RETRIES:
-                    raise ServerError(f"server {self.url} cannot be reached ({exc.__class__.__name__}: {exc}); "
-                                      f"is it running? (tried {RETRIES + 1} times)") from None
-                time.sleep(1.0)
-            except httpx.TimeoutException as exc:
-                raise ServerError(f"server {self.url} did not answer {method} {path} in 30 s "
-                                  f"({exc.__class__.__name__})") from None
+        super().__init__(url, timeout, transport, ServerError, "server")
 
     def render(self, body: dict) -> ServerImage:
         """Submit one request (one prompt), wait for its image."""
