@@ -58,8 +58,8 @@ def environment(device: str) -> dict[str, str]:
 class Checker:
     """Checks previews, one record each: the reference image against the preview, the training recipe's fidelity,
     the goldens, the verdict. Its parts: `renders` (the render cache, renders.py), `images` (report_images.py),
-    `server` (server_mode.py, with --parity-server), `fidelity` (fidelity.py), `explainer` (explainer.py:
-    attribution and accepted fields); the verdict rules themselves are pure functions (verdicts.py)."""
+    `server` (`remote_reference`: server_mode.py, comfyui_mode.py), `fidelity` (fidelity.py), `explainer`
+    (explainer.py: attribution and accepted fields); the verdict rules are pure functions (verdicts.py)."""
 
     def __init__(self, options: Options):
         self.options = options
@@ -76,15 +76,7 @@ class Checker:
         self.explainer = Explainer(options, self.renders, self.images)
         self.fidelity = Fidelity(self.render, self.images, options.fidelity_floor, self.env)  # fidelity.py
         self._prepared: set[str] = set()  # cases whose renders were made together (`prepare`)
-        self.server = None  # server mode (--parity-server): the reference images come from a running server
-        if options.server:
-            from .server_mode import ServerMode
-
-            self.server = ServerMode(options, self.render, self.images)
-        elif options.comfyui:  # --parity-comfyui: the reference images come from a running ComfyUI
-            from .comfyui_mode import ComfyUIMode
-
-            self.server = ComfyUIMode(options, self.render, self.images)
+        self.server = remote_reference(options, self.render, self.images)  # None: the reference is rendered here
 
     def render(self, recipe: Recipe, model: str) -> tuple[Image.Image, float]:
         return self.renders.get(recipe, model)
@@ -206,6 +198,20 @@ class Checker:
                                f"is missing or different (checkpoint, LoRA step, control image, or the config edited "
                                f"after training); " + "; ".join(failed))
         return dict(verdict="mismatch", reason="; ".join(failed))
+
+
+def remote_reference(options: Options, render, images):
+    """Where the reference images come from when they are not rendered here: a running reference server
+    (`--parity-server`, server_mode.py) or a running ComfyUI (`--parity-comfyui`, comfyui_mode.py); else None."""
+    if options.server:
+        from .server_mode import ServerMode
+
+        return ServerMode(options, render, images)
+    if options.comfyui:
+        from .comfyui_mode import ComfyUIMode
+
+        return ComfyUIMode(options, render, images)
+    return None
 
 
 def base_row(task: Task, env: dict) -> dict:
