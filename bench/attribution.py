@@ -30,7 +30,7 @@ def main() -> None:
     print(f"{'preview':<48} {'fields':>6} {'groups':>6} {'expected':>8} {'renders':>7} {'seconds':>8}")
     for task in tasks:
         before = checker.renders.made
-        checker._recent.clear()  # count each preview's renders from scratch
+        checker.renders._recent.clear()  # count each preview's renders from scratch
         start = time.perf_counter()
         checker.explain(task, open_preview(task.preview), {})
         fields = differing_fields(task.training, task.reference)

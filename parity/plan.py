@@ -137,7 +137,8 @@ def preview_problems(case: Case, inputs: CaseInputs, pv: Preview) -> tuple[Sampl
     item = job.items[pv.index]
     where = f"sample item {item.index}"
     problems += preflight.size_problems(job.path, where, item.width, item.height,
-                                        (item.requested_width, item.requested_height))
+                                        (item.requested_width, item.requested_height),
+                                        models.of_job(job).reference_divisor)
     try:
         ckpt = lora_for_step(case.folder, job.name, pv.step, inputs.checkpoints, job.max_step_saves_to_keep,
                              job.save_every)

@@ -22,8 +22,6 @@ from .preprocess import VAE_RESIZE_REQUEST_BILINEAR, VAE_RESIZE_REQUEST_LANCZOS,
 # The largest image side the harness renders. The real Qwen-Image models are trained up to ~1.6 MP; a side
 # above 4096 px is a typo (it would need tens of GB for the latents alone), refused before anything is allocated.
 MAX_SIDE = 4096
-# The reference pipeline snaps sizes down to a multiple of 32 (the server's `width // 32 * 32`).
-MIN_REFERENCE_SIDE = 32
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 HUB_PROBE_SECONDS = 5.0  # one request, no retries: a hub that does not answer in this is unreachable
 LORA_NETWORKS = ("lora", "locon")  # ai-toolkit's networks saved as lora_A/lora_B pairs on linear layers
@@ -72,19 +70,21 @@ def _check_image(path: str, size: int, mtime: int, what: str, fix: str) -> tuple
 
 # -- sizes -----------------------------------------------------------------------------------------------------
 
-def size_problems(config: Path, where: str, width: int, height: int, requested: tuple[int, int]) -> list[CaseError]:
-    """A sample's size on both sides: ai-toolkit's (floored to 8, min 64, then 32) and the reference's (32)."""
+def size_problems(config: Path, where: str, width: int, height: int, requested: tuple[int, int],
+                  divisor: int = 32) -> list[CaseError]:
+    """A sample's size on both sides: ai-toolkit's (floored to 8, min 64, then 32) and the reference's (floored to
+    the model's `reference_divisor`: `width // divisor * divisor`, nothing left below one divisor)."""
     problems = []
     for name, side, req in (("width", width, requested[0]), ("height", height, requested[1])):
         if side > MAX_SIDE or req > MAX_SIDE:
             problems.append(CaseError(config, f"{where} {name} is {req} px, larger than the {MAX_SIDE} px the "
                                       f"harness renders (no GPU renders this; refused before allocating anything)",
                                       f"correct the {name} in the config to the size the preview was rendered at"))
-        elif req // 32 * 32 < MIN_REFERENCE_SIDE:
+        elif req // divisor * divisor < divisor:
             problems.append(CaseError(config, f"{where} {name} is {req} px: the reference pipeline snaps it to "
-                                      f"{req // 32 * 32} ({name} // 32 * 32) and cannot render it (ai-toolkit "
-                                      f"rendered it at its minimum, 64)",
-                                      f"write the {name} the preview has (at least 32) in the config"))
+                                      f"{req // divisor * divisor} ({name} // {divisor} * {divisor}) and cannot "
+                                      f"render it (ai-toolkit rendered it at its minimum, 64)",
+                                      f"write the {name} the preview has (at least {divisor}) in the config"))
     return problems
 
 
