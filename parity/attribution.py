@@ -219,13 +219,31 @@ def attribute(render, preview: Image.Image, training: Recipe, reference: Recipe,
     return result
 
 
+PAIR_POOL = 6  # the causes (closest alone first) whose pairs the closing set tries when no single one helps
+
+
+def _best_pair(tried, chosen: tuple[str, ...], dist_of, out: "ClosingSet", prepare, reference, training):
+    """The pair of causes (among the PAIR_POOL closest alone) whose switch together, with `chosen`, comes closest:
+    (a Cause of both, its distance), or None with fewer than two. Interactions such as CFG strength and a CFG norm,
+    or a vision image and its token order, only close together."""
+    pool = [c for c, _ in sorted(tried, key=lambda cd: cd[1])[:PAIR_POOL]]
+    pairs = [(a, b) for i, a in enumerate(pool) for b in pool[i + 1:]]
+    if not pairs:
+        return None
+    if prepare is not None:
+        prepare([switch(reference, training, chosen + a.fields + b.fields) for a, b in pairs])
+    scored = [(Cause(a.fields + b.fields), dist_of(chosen + a.fields + b.fields)) for a, b in pairs]
+    out.renders += len(scored)
+    return min(scored, key=lambda cd: cd[1])
+
+
 def closing_set(render, dist, passes, result: Attribution, reference: Recipe, training: Recipe,
                 prepare=None) -> ClosingSet:
     """Grow a set of causes greedily: add the one whose switch, with those already chosen, closes the most of what
-    is left (at least the floor, and 1 % of the gap: less is rendering noise); stop when the switched reference
-    comes within the floor of the training render, or when no cause helps. The set is `closed` when it got there
-    or its switched reference passes the thresholds. Step one is the single switches already made; at most
-    n(n+1)/2 renders."""
+    is left (at least the floor, and 1 % of the gap: less is rendering noise); when no single cause helps, the best
+    pair of them (they may act only together); stop when the switched reference comes within the floor of the
+    training render, or when neither helps. The set is `closed` when it got there or its switched reference passes
+    the thresholds. Step one is the single switches already made."""
     out = ClosingSet()
     left = [c for c in result.causes if c.distance is not None]
     current, chosen = result.reference_distance, ()
@@ -235,14 +253,21 @@ def closing_set(render, dist, passes, result: Attribution, reference: Recipe, tr
     rest = (f"the rest needs a field not rendered here ({', '.join(untested)}), a missing input, or a difference "
             f"the recipes do not model" if untested else
             "the rest is a missing input or a difference the recipes do not model")
+    pairs_left = 2
     while left and current > target:
         if chosen and prepare is not None:
             prepare([switch(reference, training, chosen + c.fields) for c in left])
         tried = [(c, c.distance if not chosen else dist(switch(reference, training, chosen + c.fields))) for c in left]
         out.renders += len(tried) if chosen else 0
         cause, distance = min(tried, key=lambda cd: cd[1])
-        if not distance < current - least:
-            break
+        if not distance < current - least:  # no single cause helps: two that only act together may (twice at most)
+            pairs_left -= 1
+            pair = None if pairs_left < 0 else _best_pair(tried, chosen, lambda fields: dist(switch(reference, training, fields)), out, prepare,
+                              reference, training)
+            if pair is None or not pair[1] < current - least:
+                break
+            cause, distance = pair
+            left = [c for c in left if not set(c.fields) & set(cause.fields)] + [cause]  # it is removed below
         chosen += cause.fields
         if math.isinf(result.gap):  # the sizes differ: the switch that makes them match closes it (as one cause)
             out.steps.append(Step(cause, distance, 1.0, 1.0))

@@ -143,6 +143,32 @@ def test_the_closing_set_grows_greedily_and_names_interactions(base):
     assert columns["closing_set"] == closing.path() and columns["closing_share"] == 1.0
 
 
+def test_two_causes_that_only_act_together_close_as_a_pair(base):
+    """guidance and cfg_norm each alone move nothing (or further), together they close the gap (CFG strength
+    with another CFG norm); steps closes a tenth alone. The set is steps > guidance+cfg_norm, closed."""
+    from PIL import Image
+
+    from parity.attribution import attribute
+
+    reference = base.with_fields(guidance=2.0, cfg_norm=not base.cfg_norm, steps=4)
+    fields = ("guidance", "cfg_norm", "steps")
+
+    def level(at: set) -> int:
+        both = {"guidance", "cfg_norm"} <= at
+        return (0 if both else 100 if not at & {"guidance", "cfg_norm"} else 110) + (0 if "steps" in at else 10) \
+            - (10 if both and "steps" not in at else 0)
+
+    def render_fn(recipe):
+        at = {f for f in fields if getattr(recipe, f) == getattr(base, f)}
+        return Image.new("RGB", (8, 8), (max(0, level(at)),) * 3)
+
+    result = attribute(render_fn, Image.new("RGB", (8, 8)), base, reference,
+                       passes=lambda im: im.getpixel((0, 0))[0] <= 1)
+    closing = result.closing
+    assert [s.cause.name for s in closing.steps] == ["steps", "guidance+cfg_norm"] and closing.closed
+    assert closing.steps[-1].share == 1.0
+
+
 def test_no_closing_set_says_why(base):
     from PIL import Image
 
