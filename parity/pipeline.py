@@ -145,11 +145,14 @@ class LoadedModel:
         if how == LORA_PEFT:  # PEFT cannot load into optimum-quanto layers: its forward, as hooks
             with peft_like_lora(self.transformer, state, multiplier):
                 yield
-        elif how == LORA_MERGED_FP8:
-            if self.precision is None or not self.precision.fp8_transformer:
-                raise NotRenderable(f"a {how} LoRA needs ComfyUI's fp8 transformer (precision "
-                                    f"`transformer:{QTYPE_FP8}`): on any other base nothing rounds to fp8")
+        elif how == LORA_MERGED_FP8 and self.precision is not None and self.precision.fp8_transformer:
             with fp8_merged_lora(self.transformer, state, multiplier, self.device):
+                yield
+        elif how == LORA_MERGED_FP8 and self.precision is not None and self.precision.aitk_quantized:
+            raise NotRenderable(f"a {how} LoRA on ai-toolkit's quantized base (ComfyUI merges into fp8 weights "
+                                f"`transformer:{QTYPE_FP8}` or plain ones)")
+        elif how == LORA_MERGED_FP8:  # on plain weights ComfyUI's merge rounds to their own dtype: merged/fp32
+            with merged_lora(self.transformer, state, multiplier):
                 yield
         elif how == LORA_MERGED_FP32 and self.precision is not None and self.precision.aitk_quantized:
             raise NotRenderable("a LoRA merged into a quantized base (ai-toolkit never merges on one)")

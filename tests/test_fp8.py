@@ -243,20 +243,24 @@ def test_lora_merged_into_fp8_is_stochastically_rounded_and_undone(fp8_model, mo
     assert np.array_equal(pixels(render.render(fp8_model, recipe.with_fields(lora=None))), without)  # undone
 
 
-def test_lora_merged_fp8_needs_an_fp8_transformer():
+def test_lora_merged_fp8_on_other_bases():
+    """On plain weights ComfyUI's merge rounds to their own dtype: the fp8 form is merged/fp32 there (so attribution
+    can switch `precision` alone); ai-toolkit's quantized bases refuse both merged forms."""
     lora = t2i_recipe().lora
     plain = pipeline.LoadedModel(str(T2I_MODEL), "cpu", "float32", pipeline="QwenImagePipeline")
-    with pytest.raises(NotRenderable, match="fp8"):
-        with plain.lora(lora, 1.0, LORA_MERGED_FP8):
-            pass
-    plain.precision = precision.Precision("qfloat8")  # ai-toolkit's quantized bases still refuse a merged LoRA
-    with pytest.raises(NotRenderable, match="quantized base"):
-        with plain.lora(lora, 1.0, LORA_MERGED_FP32):
-            pass
-    plain.precision = precision.Precision(text_encoder="fp8_scaled")  # no fp8 transformer: nothing to round to
-    with pytest.raises(NotRenderable, match="fp8"):
-        with plain.lora(lora, 1.0, LORA_MERGED_FP8):
-            pass
+    layer = plain.transformer.get_submodule(LORA_MODULES[0])  # a layer the LoRA covers
+    probe = torch.randn(1, 8, layer.in_features)
+    before = layer(probe)
+    with plain.lora(lora, 1.0, LORA_MERGED_FP8):
+        as_fp8_form = layer(probe)
+    with plain.lora(lora, 1.0, LORA_MERGED_FP32):
+        assert torch.equal(layer(probe), as_fp8_form) and not torch.equal(as_fp8_form, before)
+    plain.precision = precision.Precision("qfloat8")  # ai-toolkit's quantized bases refuse a merged LoRA
+    for how in (LORA_MERGED_FP32, LORA_MERGED_FP8):
+        with pytest.raises(NotRenderable, match="quantized base"):
+            with plain.lora(lora, 1.0, how):
+                pass
+    plain.precision = precision.Precision(text_encoder="fp8_scaled")  # no fp8 transformer
     with plain.lora(lora, 1.0, LORA_MERGED_FP32):  # ComfyUI's bf16/fp32 model under an fp8 text encoder
         pass
 
