@@ -69,3 +69,30 @@ def test_attribution_names_the_graphs_changes(graph, tmp_path):
     for field in ("extra_loras", "steps", "guidance", "precision"):
         assert field in shares and shares[field] is not None, (field, sorted(shares))
     assert data["closing_set"], data
+
+
+def test_a_sampler_custom_advanced_graph_reads_as_its_ksampler_twin():
+    """The v1 recording's graph with its KSampler replaced by SamplerCustomAdvanced (RandomNoise, CFGGuider,
+    KSamplerSelect, BasicScheduler) gives the same reading."""
+    from parity.engines.comfyui import workflow
+
+    recorded = CASES / "workspace" / "comfyui" / "demo_qwen_image_edit_plus_lora_v1" / \
+        "1796527107390__000000004_0.graph.json"
+    api = json.loads(recorded.read_text())
+    k = api.pop("9")["inputs"]
+    api.update({
+        "30": {"class_type": "RandomNoise", "inputs": {"noise_seed": k["seed"]}},
+        "31": {"class_type": "CFGGuider", "inputs": {"model": k["model"], "positive": k["positive"],
+                                                     "negative": k["negative"], "cfg": k["cfg"]}},
+        "32": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "33": {"class_type": "BasicScheduler", "inputs": {"model": k["model"], "scheduler": "simple",
+                                                          "steps": k["steps"], "denoise": 1.0}},
+        "9": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["30", 0], "guider": ["31", 0],
+                                                                "sampler": ["32", 0], "sigmas": ["33", 0],
+                                                                "latent_image": k["latent_image"]}}})
+    custom, plain = workflow.read(api, "custom.json"), workflow.read(json.loads(recorded.read_text()), "k.json")
+    for field in ("unet", "clip", "loras", "sampling", "cfg_norm", "steps", "cfg", "encode", "image_scale", "latent"):
+        assert getattr(custom, field) == getattr(plain, field), field
+    api["32"]["inputs"]["sampler_name"] = "dpmpp_2m"
+    with pytest.raises(workflow.WorkflowError, match="dpmpp_2m/simple"):
+        workflow.read(api, "custom.json")

@@ -47,10 +47,16 @@ WIDGETS = {
     "VAEDecode": (),
     "SaveImage": ("filename_prefix",),
     "PreviewImage": (),
+    "SamplerCustomAdvanced": (),
+    "RandomNoise": ("noise_seed", "control_after_generate"),
+    "CFGGuider": ("cfg",),
+    "BasicGuider": (),
+    "KSamplerSelect": ("sampler_name",),
+    "BasicScheduler": ("scheduler", "steps", "denoise"),
 }
 UI_ONLY = {"control_after_generate", "upload"}
 NOT_NODES = {"Note", "MarkdownNote"}  # UI annotations
-SAMPLERS = ("KSampler",)
+SAMPLERS = ("KSampler", "SamplerCustomAdvanced")
 # weight_dtype of UNETLoader -> the recipe's transformer precision (ComfyUI computes on the stored fp8 weights)
 WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": "fp8_e4m3fn", "fp8_e4m3fn_fast": "fp8_e4m3fn"}
 
@@ -151,17 +157,44 @@ def read(api: dict, path: str | Path) -> Graph:
     samplers = [i for i, n in api.items() if n["class_type"] in SAMPLERS]
     if len(samplers) != 1:
         known = ", ".join(SAMPLERS)
-        raise WorkflowError(f"{path}: {len(samplers)} sampler nodes ({known}) where one is needed"
-                            + ("; SamplerCustomAdvanced graphs are not read yet: use KSampler" if any(
-                                n["class_type"] == "SamplerCustomAdvanced" for n in api.values()) else ""))
+        raise WorkflowError(f"{path}: {len(samplers)} sampler nodes ({known}) where one is needed")
     graph = Graph(path)
-    sampler = api[samplers[0]]
-    _read_sampler(graph, samplers[0], sampler["inputs"])
-    _walk_model(graph, api, sampler["inputs"]["model"])
+    inputs = api[samplers[0]]["inputs"]
+    if api[samplers[0]]["class_type"] == "SamplerCustomAdvanced":
+        inputs = _custom_sampler(graph, api, samplers[0], inputs)
+    _read_sampler(graph, samplers[0], inputs)
+    _walk_model(graph, api, inputs["model"])
     for name in ("positive", "negative"):
-        _walk_conditioning(graph, api, sampler["inputs"][name])
-    _walk_latent(graph, api, sampler["inputs"]["latent_image"])
+        if name in inputs:
+            _walk_conditioning(graph, api, inputs[name])
+    _walk_latent(graph, api, inputs["latent_image"])
     return graph
+
+
+def _custom_sampler(graph: Graph, api: dict, node_id: str, inputs: dict) -> dict:
+    """SamplerCustomAdvanced's inputs as KSampler's: RandomNoise (the seed comes from the preview), CFGGuider or
+    BasicGuider (model, conditioning, cfg; BasicGuider is cfg 1 without a negative), KSamplerSelect, BasicScheduler
+    (its model, scheduler, steps, denoise)."""
+    parts = {}
+    for name in ("noise", "guider", "sampler", "sigmas"):
+        part_id, part = _node(graph, api, inputs[name])
+        wanted = {"noise": ("RandomNoise",), "guider": ("CFGGuider", "BasicGuider"), "sampler": ("KSamplerSelect",),
+                  "sigmas": ("BasicScheduler",)}[name]
+        if part["class_type"] not in wanted:
+            _unknown(graph, part_id, part, name)
+        parts[name] = part["inputs"]
+    guider, schedule = parts["guider"], parts["sigmas"]
+    if schedule["model"] != guider["model"]:
+        raise WorkflowError(f"{graph.path}: BasicScheduler and the guider of SamplerCustomAdvanced {node_id} take "
+                            f"different models: the sigmas would not be the sampled model's")
+    out = {"model": guider["model"], "latent_image": inputs["latent_image"], "sampler_name":
+           parts["sampler"]["sampler_name"], "scheduler": schedule["scheduler"], "steps": schedule["steps"],
+           "denoise": schedule["denoise"], "cfg": guider.get("cfg", 1.0)}
+    if "conditioning" in guider:
+        out["positive"] = guider["conditioning"]
+    else:
+        out.update(positive=guider["positive"], negative=guider["negative"])
+    return out
 
 
 def _node(graph: Graph, api: dict, link) -> tuple[str, dict]:
@@ -179,7 +212,6 @@ def _unknown(graph: Graph, node_id: str, node: dict, chain: str):
 
 
 def _read_sampler(graph: Graph, node_id: str, inputs: dict) -> None:
-    graph.nodes[node_id] = "KSampler"
     graph.sampler, graph.scheduler = inputs["sampler_name"], inputs["scheduler"]
     graph.steps, graph.cfg, graph.denoise = int(inputs["steps"]), float(inputs["cfg"]), float(inputs["denoise"])
     if (graph.sampler, graph.scheduler) != ("euler", "simple") or graph.denoise != 1.0:
