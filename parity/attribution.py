@@ -20,7 +20,8 @@ from .recipe import Recipe, differing_fields, switch
 from .render import NotRenderable
 
 # Fields that are switched together: which control images, and how they are resized, only make sense as one.
-GROUPS = (("control_images", "control_prompt_resize", "control_vae_resize"), ("width", "height"))
+GROUPS = (("control_images", "control_prompt_resize", "control_vae_resize"), ("width", "height"),
+          ("cfg_norm", "cfg_form"))  # a CFG norm means the form's own: Diffusers' rescale (v), ComfyUI's CFGNorm (x0)
 # Differences that are not a rendering choice, or that this machine cannot render.
 NOT_RENDERED = {
     "output_format": "the preview's encoding: every render is compared encoded as the preview was",
@@ -262,8 +263,8 @@ def closing_set(render, dist, passes, result: Attribution, reference: Recipe, tr
         cause, distance = min(tried, key=lambda cd: cd[1])
         if not distance < current - least:  # no single cause helps: two that only act together may (twice at most)
             pairs_left -= 1
-            pair = None if pairs_left < 0 else _best_pair(tried, chosen, lambda fields: dist(switch(reference, training, fields)), out, prepare,
-                              reference, training)
+            switched = lambda fields: dist(switch(reference, training, fields))  # noqa: E731
+            pair = None if pairs_left < 0 else _best_pair(tried, chosen, switched, out, prepare, reference, training)
             if pair is None or not pair[1] < current - least:
                 break
             cause, distance = pair

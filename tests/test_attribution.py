@@ -165,7 +165,7 @@ def test_two_causes_that_only_act_together_close_as_a_pair(base):
     result = attribute(render_fn, Image.new("RGB", (8, 8)), base, reference,
                        passes=lambda im: im.getpixel((0, 0))[0] <= 1)
     closing = result.closing
-    assert [s.cause.name for s in closing.steps] == ["steps", "guidance+cfg_norm"] and closing.closed
+    assert [set(s.cause.fields) for s in closing.steps] == [{"steps"}, {"guidance", "cfg_norm"}] and closing.closed
     assert closing.steps[-1].share == 1.0
 
 
