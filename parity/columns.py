@@ -123,6 +123,13 @@ COLUMNS: tuple[Column, ...] = (
     Column("server_vs_local_mean_abs", "server mode with `--parity-server-local`: the server's image against "
                                        "the harness' render of the same request (mean abs, 0-255 levels)"),
     Column("server_vs_local_max_abs", "likewise, the largest absolute difference"),
+    Column("comfyui_prompt_id", "live ComfyUI (`--parity-comfyui`): the id of the prompt queued"),
+    Column("comfyui_seconds", "live ComfyUI: seconds from queueing the graph to its image"),
+    Column("comfyui_image", "live ComfyUI: the image's name in ComfyUI's output folder"),
+    Column("comfyui_graph", "live ComfyUI: where the API graph sent for the preview is saved"),
+    Column("comfyui_vs_local_mean_abs", "live ComfyUI with `--parity-comfyui-local`: ComfyUI's image against the "
+                                        "harness' render of the same recipe (mean abs, 0-255 levels)"),
+    Column("comfyui_vs_local_max_abs", "likewise, the largest absolute difference"),
     Column("expected_verdict", "the verdict the case's `parity.yaml` declares for a known gap (`expect:`)"),
     Column("expected_reason", "the declaration's reason"),
     Column("expected_outcome", "`expected`, `unexpectedly matches`, `unexpected error` or `unexpected verdict`; "

@@ -36,7 +36,7 @@ COLUMNS = list(NAMES)  # every column, in the CSV's fixed order (columns.py: eac
 KINDS = ("preview", "reference", "training", "diff", "ssim_map")
 KIND_LABELS = {"preview": "preview (training)", "reference": "reference render", "training": "training render",
                "diff": "difference", "ssim_map": "SSIM map", "lpips_alex_map": "LPIPS (alex) map",
-               "stlpips_alex_map": "ST-LPIPS (alex) map", "local": "local render of the server's request"}
+               "stlpips_alex_map": "ST-LPIPS (alex) map", "local": "local render of the remote engine's request"}
 # Metrics charted across training steps, if any record has them: (key, label, higher is closer).
 CHART_METRICS = (("ssim", "SSIM", True), ("lpips_alex", "LPIPS (alex)", False),
                  ("stlpips_alex", "ST-LPIPS (alex)", False), ("mean_abs", "mean abs", False))
