@@ -209,6 +209,13 @@ def device_kind(device: str) -> str:
     return device.partition(":")[0]
 
 
+def preview_values(item, lora: str | None) -> dict:
+    """The values every engine takes from the preview's sample as they are: steps, guidance, negative prompt, seed
+    (a CPU generator on every side), the LoRA of the preview's step and its multiplier."""
+    return dict(steps=item.sample_steps, guidance=float(item.guidance_scale), negative_prompt=item.neg,
+                seed=item.seed, generator_device="cpu", lora=lora, multiplier=float(item.network_multiplier))
+
+
 def replace_trigger(prompt: str, trigger: str | None) -> str:
     # ai-toolkit inject_trigger_into_prompt(add_if_not_present=False): no trigger word -> "[trigger]" stays.
     return prompt.replace("[trigger]", trigger) if trigger else prompt

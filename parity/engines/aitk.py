@@ -8,7 +8,7 @@ from .. import models
 from ..aitk_config import SampleItem, TrainingJob, snap
 from ..forms import LORA_MERGED_FP32, LORA_NONE, LORA_RUNTIME_FP32
 from ..preprocess import effective_vae_resize
-from ..recipe import Recipe, device_kind, replace_trigger, scheduler_json
+from ..recipe import Recipe, device_kind, preview_values, replace_trigger, scheduler_json
 
 # ai-toolkit's fixed sampling scheduler (qwen_image.py `scheduler_config`, used by get_train_scheduler).
 AITK_SCHEDULER = {
@@ -46,22 +46,16 @@ def training_recipe(job: TrainingJob, item: SampleItem, lora: str | None, resolv
     # and ai-toolkit's qwen model snaps to its bucket divisibility (32) before calling it.
     width, height = snap(item.width, model.training_divisor), snap(item.height, model.training_divisor)
     return Recipe(
+        **preview_values(item, lora),
         width=width,
         height=height,
-        steps=item.sample_steps,
         scheduler=scheduler_json(scheduler or AITK_SCHEDULER),
-        guidance=float(item.guidance_scale),
         cfg_norm=rules.training_cfg_norm(job),
-        negative_prompt=item.neg,
-        seed=item.seed,
-        generator_device="cpu",
         prompt=replace_trigger(item.prompt, job.trigger_word),
         control_images_prompt=tuple(str(resolve(p, "control image")) for p in prompt_imgs),
         control_images_vae=vae_files,
         control_prompt_resize=rules.TRAINING_PROMPT_RESIZE,
         control_vae_resize=effective_vae_resize(rules.TRAINING_VAE_RESIZE, vae_files, width, height),
-        lora=lora,
-        multiplier=float(item.network_multiplier),
         lora_application=LORA_NONE if lora is None else LORA_MERGED_FP32 if lora_merged else LORA_RUNTIME_FP32,
         precision=_quantization(job, ara),
         # load_model: text_encoder.to(device, dtype=dtype) also casts the float32 rotary inv_freq buffers.

@@ -30,7 +30,7 @@ from ...aitk_config import SampleItem, TrainingJob, snap
 from ...forms import (CFG_X0, CROP_NONE, LORA_MERGED_FP32, LORA_NONE, REFERENCES_COMFY, REFERENCES_DIFFUSERS,
                       VISION_COMFY, VISION_DIFFUSERS)
 from ...preprocess import PROMPT_RESIZE, VAE_RESIZE
-from ...recipe import Recipe, device_kind, replace_trigger, scheduler_json
+from ...recipe import Recipe, device_kind, preview_values, replace_trigger, scheduler_json
 from .sampling import (LATENT_DIVISOR, NOISE, PIXELS, TABLE, initial_noise, schedule_text, shifted_table,  # noqa: F401
                        sigmas, simple_sigmas, to_8bit)
 
@@ -51,22 +51,16 @@ def reference_recipe(job: TrainingJob, item: SampleItem, lora: str | None, resol
     edit = bool(images)  # without control images the edit fields keep the Diffusers values: nothing differs there
     width, height = snap(item.width, LATENT_DIVISOR), snap(item.height, LATENT_DIVISOR)
     return Recipe(
+        **preview_values(item, lora),
         width=width,
         height=height,
-        steps=item.sample_steps,
         scheduler=scheduler_json(scheduler or {}),
-        guidance=float(item.guidance_scale),
         cfg_norm=graph.cfg_norm,
-        negative_prompt=item.neg,
-        seed=item.seed,
-        generator_device="cpu",
         prompt=replace_trigger(item.prompt, job.trigger_word),
         control_images_prompt=images,
         control_images_vae=images,
         control_prompt_resize=graph.prompt_resize if edit else PROMPT_RESIZE,
         control_vae_resize=graph.vae_resize if edit else VAE_RESIZE,
-        lora=lora,
-        multiplier=float(item.network_multiplier),
         lora_application=LORA_NONE if lora is None else LORA_MERGED_FP32,  # model_patcher: fp32, cast back
         precision="none",
         text_encoder_rope="float32",

@@ -9,7 +9,7 @@ from ... import models
 from ...aitk_config import SampleItem, TrainingJob, snap
 from ...forms import LORA_NONE
 from ...preprocess import effective_prompt_resize, effective_vae_resize
-from ...recipe import Recipe, device_kind, replace_trigger, scheduler_json
+from ...recipe import Recipe, device_kind, preview_values, replace_trigger, scheduler_json
 
 DEFAULT_STEPS = 25  # ai-toolkit-inference PipelineConfig.default_steps
 DEFAULT_SEED = 42  # the server's seed is 42 + prompt index when the request has none
@@ -24,23 +24,18 @@ def reference_recipe(job: TrainingJob, item: SampleItem, lora: str | None, resol
     # executor: (width // divisor) * divisor of the request
     width, height = snap(item.requested_width, model.reference_divisor), snap(item.requested_height,
                                                                               model.reference_divisor)
+    # steps are sent explicitly: the server's default (25) applies only to a bare request
     return Recipe(
+        **preview_values(item, lora),
         width=width,
         height=height,
-        steps=item.sample_steps,  # sent explicitly; the server's default (25) applies only to a bare request
         scheduler=scheduler_json(scheduler),  # the checkpoint's scheduler_config.json via the stock pipeline
-        guidance=float(item.guidance_scale),
         cfg_norm=rules.REFERENCE_CFG_NORM,
-        negative_prompt=item.neg,
-        seed=item.seed,
-        generator_device="cpu",
         prompt=replace_trigger(item.raw_prompt, job.trigger_word),
         control_images_prompt=images,
         control_images_vae=images,
         control_prompt_resize=effective_prompt_resize(rules.REFERENCE_PROMPT_RESIZE, images),
         control_vae_resize=effective_vae_resize(rules.REFERENCE_VAE_RESIZE, images, width, height),
-        lora=lora,
-        multiplier=float(item.network_multiplier),
         lora_application=LORA_NONE if lora is None else model.reference_lora,
         precision="none",
         text_encoder_rope="float32",  # from_pretrained(torch_dtype=...) keeps the rotary buffers in float32
