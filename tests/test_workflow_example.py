@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.machinery
+import os
 import importlib.util
 import json
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from conftest import CASES, ROOT, needs_comfyui, run_in_comfyui
 from parity import options as opts
 from parity.engines.comfyui import workflow
+from parity.forms import CROP_KONTEXT
 from parity.lora_keys import comfyui, header, transformer_layers
 from parity.lora_stack import comfy_layers
 from parity.plan import plan
@@ -24,7 +26,11 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 FOLDER = CASES / "workspace" / "comfyui" / "workflows"
 EXAMPLE = FOLDER / "qwen_image_edit_2509_lightning_fp8.json"
-TEMPLATE = FOLDER / "image_qwen_image_edit_2509.json"
+# The official template the example is made from is not kept in this project (another project's file): the tests
+# that remake the example from it run where it is given, e.g. PARITY_COMFY_TEMPLATE=.../image_qwen_image_edit_2509.json
+TEMPLATE = Path(os.environ.get("PARITY_COMFY_TEMPLATE", "/nonexistent/image_qwen_image_edit_2509.json"))
+needs_template = pytest.mark.skipif(not TEMPLATE.is_file(), reason="the official 2509 template is not given "
+                                    "(PARITY_COMFY_TEMPLATE): the example is checked as committed")
 STANDIN = FOLDER / "demo-qwen-image-edit-2509-lightning-4steps.safetensors"
 TRAINED = "demo_qwen_image_edit_plus_lora_v1.safetensors"
 MODEL = CASES / "workspace" / "aitk" / "demo-qwen-image-edit-2509"
@@ -46,15 +52,17 @@ def script(name: str):
 
 # -- the files are what their scripts make -------------------------------------------------------------------------
 
+@needs_template
 def test_template_is_the_pinned_one_unmodified():
     make = script("make-workflow-example")
     assert hashlib.sha256(TEMPLATE.read_bytes()).hexdigest() == make.TEMPLATE_SHA256
     assert not json.loads(TEMPLATE.read_text()).get("definitions", {}).get("subgraphs")  # flat at that commit
 
 
+@needs_template
 def test_example_is_what_the_script_makes(tmp_path):
     make = script("make-workflow-example")
-    assert make.main(["--out", str(tmp_path / "example.json")]) == 0
+    assert make.main(["--template", str(TEMPLATE), "--out", str(tmp_path / "example.json")]) == 0
     assert (tmp_path / "example.json").read_bytes() == EXAMPLE.read_bytes()
 
 
@@ -90,13 +98,12 @@ def test_standin_layout_and_binding():
 
 def test_reader_reads_the_example():
     g = workflow.read_file(EXAMPLE)
-    template = workflow.read_file(TEMPLATE)
     assert g.weight_dtype == "fp8_e4m3fn"
     assert (g.steps, g.cfg) == (4, 1.0)
     assert [(name, strength) for _, name, strength in g.loras] == [(STANDIN.name, 1.0), (TRAINED, 1.0)]
-    assert g.sampling == template.sampling == ("aura", 3.0)  # the template's ModelSamplingAuraFlow shift
-    assert g.cfg_norm == template.cfg_norm == 1.0  # and its CFGNorm
-    assert (g.encode, g.image_scale, g.latent) == (template.encode, template.image_scale, template.latent)
+    # the template's own: ModelSamplingAuraFlow shift 3, CFGNorm 1, the Plus encode, FluxKontextImageScale, VAEEncode
+    assert g.sampling == ("aura", 3.0) and g.cfg_norm == 1.0
+    assert (g.encode, g.image_scale, g.latent) == ("TextEncodeQwenImageEditPlus", CROP_KONTEXT, ("image",))
     assert (g.unet, g.clip) == ("demo-qwen-image-edit-2509.safetensors",
                                 "demo-qwen-image-edit-2509_text_encoder.safetensors")
     assert "433" in g.nodes and "89" in g.nodes  # both LoRA loaders are on the sampler's model path
