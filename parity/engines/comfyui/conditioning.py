@@ -85,6 +85,12 @@ def kontext_scale(image: torch.Tensor) -> torch.Tensor:
     return _lanczos(samples, width, height).movedim(1, -1)
 
 
+def total_pixels_size(width: int, height: int) -> tuple[int, int]:
+    """ImageScaleToTotalPixels' size at 1 MP, resolution steps 1: the aspect kept, each side rounded."""
+    scale = math.sqrt(1024 * 1024 / (width * height))
+    return round(width * scale), round(height * scale)
+
+
 def scaled_size(width: int, height: int, crop: str) -> tuple[int, int]:
     """An image's size after the recipe's `control_crop` node (forms.CROP_*)."""
     from ...forms import CROP_KONTEXT, CROP_TOTAL_PIXELS
@@ -92,17 +98,14 @@ def scaled_size(width: int, height: int, crop: str) -> tuple[int, int]:
     if crop == CROP_KONTEXT:
         return kontext_size(width, height)
     if crop == CROP_TOTAL_PIXELS:
-        scale = math.sqrt(1024 * 1024 / (width * height))
-        return round(width * scale), round(height * scale)
+        return total_pixels_size(width, height)
     return width, height
 
 
-def total_pixels_scale(image: torch.Tensor, megapixels: float = 1.0) -> torch.Tensor:
-    """ImageScaleToTotalPixels (lanczos, resolution steps 1) on [1, H, W, 3]."""
+def total_pixels_scale(image: torch.Tensor) -> torch.Tensor:
+    """ImageScaleToTotalPixels (lanczos, 1 MP, resolution steps 1) on [1, H, W, 3]."""
     samples = image.movedim(-1, 1)
-    scale = math.sqrt(megapixels * 1024 * 1024 / (samples.shape[3] * samples.shape[2]))
-    width, height = round(samples.shape[3] * scale), round(samples.shape[2] * scale)  # resolution steps 1
-    return _lanczos(samples, width, height).movedim(1, -1)
+    return _lanczos(samples, *total_pixels_size(samples.shape[3], samples.shape[2])).movedim(1, -1)
 
 
 def area_resize(image: torch.Tensor, rule: str) -> torch.Tensor:
