@@ -44,8 +44,12 @@ class RenderCapture:
     timesteps: list[float] | None = None
 
 
-def open_control(path: str) -> Image.Image:
+def open_control(path: str, comfy: bool = False):
+    """A control image as a side reads it: a PIL RGB image, or with `comfy` ComfyUI's LoadImage tensor; a CaseError
+    naming the file when it cannot be read."""
     try:
+        if comfy:
+            return conditioning.load_image(path)
         with Image.open(path) as im:
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError) as exc:
@@ -258,11 +262,7 @@ def control_sources(recipe: Recipe) -> dict:
         raise NotRenderable(f"unknown control crop {recipe.control_crop!r}")
     out = {}
     for path in dict.fromkeys(recipe.control_images_prompt + recipe.control_images_vae):
-        if crop == CROP_NONE:
-            out[path] = open_control(path)
-            continue
-        open_control(path)  # a clear CaseError for an unreadable file
-        out[path] = conditioning.load_image(path)
+        out[path] = open_control(path, comfy=crop != CROP_NONE)
     first = (recipe.control_images_vae or recipe.control_images_prompt or (None,))[0]
     if first is not None and crop != CROP_NONE:
         scale = conditioning.kontext_scale if crop == CROP_KONTEXT else conditioning.total_pixels_scale

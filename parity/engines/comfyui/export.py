@@ -141,22 +141,22 @@ def ui_graph(api: dict) -> dict:
 def candidates(template: Recipe, training: Recipe) -> list[Recipe]:
     """The recipes stock nodes reach from the template's: its shift or a ModelSamplingFlux at the training
     schedule's mu (ai-toolkit's dynamic shift at this size), CFGNorm on or off, the Kontext scale on or off."""
-    from ..aitk import AITK_SCHEDULER
-
-    schedules = [template.sigma_schedule, flux_text(_aitk_mu(training, AITK_SCHEDULER))]
+    schedules = [template.sigma_schedule, flux_text(_aitk_mu(training))]
     crops = [template.control_crop] + ([CROP_NONE] if template.control_crop != CROP_NONE else [])
     return [template.with_fields(sigma_schedule=s, cfg_norm=norm, control_crop=crop)
             for s in schedules for norm in (template.cfg_norm, not template.cfg_norm) for crop in crops]
 
 
-def _aitk_mu(training: Recipe, defaults: dict) -> float:
-    """Diffusers' dynamic-shift mu for the training recipe's size (calculate_shift from its scheduler)."""
+def _aitk_mu(training: Recipe) -> float:
+    """Diffusers' dynamic-shift mu for the training recipe's size (its calculate_shift on the recipe's scheduler)."""
     import json
 
-    config = {**defaults, **json.loads(training.scheduler)}
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift
+
+    config = json.loads(training.scheduler)
     tokens = (training.width // 16) * (training.height // 16)
-    slope = (config["max_shift"] - config["base_shift"]) / (config["max_image_seq_len"] - config["base_image_seq_len"])
-    return tokens * slope + config["base_shift"] - slope * config["base_image_seq_len"]
+    return calculate_shift(tokens, config["base_image_seq_len"], config["max_image_seq_len"], config["base_shift"],
+                           config["max_shift"])
 
 
 def unmatched(graph_recipe: Recipe, training: Recipe) -> list[str]:
